@@ -1,0 +1,27 @@
+#include "vm/memory.h"
+
+#include <sys/mman.h>
+
+#include <stdexcept>
+
+#include "common/errors.h"
+
+namespace cellvm {
+
+GuestMemory::GuestMemory(uint64_t size) {
+  if (size == 0 || size % 4096 != 0) throw std::invalid_argument("guest memory size must be a non-zero multiple of 4 KiB");
+  fd_.reset(::memfd_create("cellvm-guest-ram", MFD_CLOEXEC));
+  if (!fd_) throw HypervisorError::from_errno("memfd_create");
+  if (::ftruncate(fd_.get(), size) < 0) throw HypervisorError::from_errno("ftruncate(guest ram)");
+  void* addr = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, fd_.get(), 0);
+  if (addr == MAP_FAILED) throw HypervisorError::from_errno("mmap(guest ram)");
+  map_ = Mapping(addr, size);
+}
+
+uint8_t* GuestMemory::at(uint64_t gpa, uint64_t len) const {
+  if (gpa > size() || len > size() - gpa)
+    throw std::out_of_range("guest physical range outside RAM: " + std::to_string(gpa) + "+" + std::to_string(len));
+  return host() + gpa;
+}
+
+}  // namespace cellvm

@@ -1,0 +1,130 @@
+"""Every error cellvm raises, in one tree under :class:`CellvmError`.
+
+Each class is named for its cause, so callers catch exactly what they can
+handle:
+
+    CellvmError
+    ├── HypervisorError         /dev/kvm missing, unusable, or an ioctl failed
+    ├── GuestError              the guest did something that stopped the machine
+    │   ├── GuestCrashed        triple fault, emulation failure, unexpected exit
+    │   └── BootFailed          the guest never reached its ready point
+    ├── DeadlineExceeded        a vCPU or the guest missed a deadline
+    ├── MachineClosed           the machine was used after close()
+    ├── SnapshotError
+    │   ├── SnapshotCorrupt     truncated, bad checksum, unreadable
+    │   └── SnapshotIncompatible  other format version, backend or VM shape
+    └── ImageError
+        ├── InvalidReference    "node:24" style reference that does not parse
+        ├── ImageNotFound       the registry has no such repository or tag
+        ├── RegistryUnavailable connection refused, timeouts, 5xx after retries
+        ├── AuthenticationError the registry refused our credentials
+        └── DigestMismatch      downloaded content does not match its digest
+
+Errors from the C++ core carry what is known when they happen: the exit
+reason, the vCPU, its registers and the tail of the guest console.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class CellvmError(Exception):
+    """Base class of every error cellvm raises."""
+
+
+class HypervisorError(CellvmError):
+    """/dev/kvm is missing or unusable, or a hypervisor call failed."""
+
+
+class GuestError(CellvmError):
+    """The guest stopped the machine in a way it should not have.
+
+    Attributes:
+        reason: short machine-readable cause ("shutdown", "internal-error", ...).
+        vcpu: index of the vCPU that stopped, or None.
+        registers: that vCPU's general registers when known (name -> value).
+        console: the tail of the guest's console output.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str = "",
+        vcpu: int | None = None,
+        registers: dict[str, int] | None = None,
+        console: str = "",
+        **details: Any,
+    ) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.vcpu = vcpu
+        self.registers = registers or {}
+        self.console = console
+        self.details = details
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        if self.console:
+            tail = "\n".join(self.console.rstrip("\n").splitlines()[-15:])
+            text += f"\n--- guest console (tail) ---\n{tail}"
+        return text
+
+
+class GuestCrashed(GuestError):
+    """Triple fault, emulation failure or another exit the VMM cannot continue from."""
+
+
+class BootFailed(GuestError):
+    """The guest did not reach its ready point (panic, bad init, missed deadline)."""
+
+
+class DeadlineExceeded(CellvmError):
+    """An operation did not finish in time: a vCPU that never reached a barrier,
+    or a guest that did not finish. ``vcpu`` names the vCPU when one is to blame."""
+
+    def __init__(self, message: str, *, vcpu: int | None = None, console: str = "") -> None:
+        super().__init__(message)
+        self.vcpu = vcpu
+        self.console = console
+
+
+class MachineClosed(CellvmError):
+    """The machine was used after it was closed."""
+
+
+class SnapshotError(CellvmError):
+    """A snapshot cannot be written or restored."""
+
+
+class SnapshotCorrupt(SnapshotError):
+    """The snapshot is truncated, fails its checksums or cannot be parsed."""
+
+
+class SnapshotIncompatible(SnapshotError):
+    """The snapshot is intact but was taken by another format version, backend or VM shape."""
+
+
+class ImageError(CellvmError):
+    """An OCI image cannot be resolved, fetched or unpacked."""
+
+
+class InvalidReference(ImageError):
+    """The image reference does not parse (e.g. upper-case repository, bad digest)."""
+
+
+class ImageNotFound(ImageError):
+    """The registry has no such repository, tag or digest."""
+
+
+class RegistryUnavailable(ImageError):
+    """The registry could not be reached or kept failing after retries."""
+
+
+class AuthenticationError(ImageError):
+    """The registry refused the credentials (or there were none and it wants some)."""
+
+
+class DigestMismatch(ImageError):
+    """Downloaded content does not hash to the digest that named it."""
