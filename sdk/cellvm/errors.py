@@ -18,7 +18,8 @@ handle:
         ├── ImageNotFound       the registry has no such repository or tag
         ├── RegistryUnavailable connection refused, timeouts, 5xx after retries
         ├── AuthenticationError the registry refused our credentials
-        └── DigestMismatch      downloaded content does not match its digest
+        ├── DigestMismatch      downloaded content does not match its digest
+        └── UnsafeLayer         a layer entry would write outside the root filesystem
 
 Errors from the C++ core carry what is known when they happen: the exit
 reason, the vCPU, its registers and the tail of the guest console.
@@ -128,3 +129,8 @@ class AuthenticationError(ImageError):
 
 class DigestMismatch(ImageError):
     """Downloaded content does not hash to the digest that named it."""
+
+
+class UnsafeLayer(ImageError):
+    """A layer entry would escape the root filesystem (``..``, an absolute path,
+    or a write through a symlink that leads out); nothing outside was touched."""
