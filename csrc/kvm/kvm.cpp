@@ -73,6 +73,15 @@ Kvm::Kvm() {
   list->nmsrs = probe.nmsrs;
   xioctl(fd_.get(), KVM_GET_MSR_INDEX_LIST, list, "KVM_GET_MSR_INDEX_LIST");
   msr_list_.assign(list->indices, list->indices + list->nmsrs);
+
+  UniqueFd vm(xioctl(fd_.get(), KVM_CREATE_VM, 0, "KVM_CREATE_VM"));
+  UniqueFd vcpu(xioctl(vm.get(), KVM_CREATE_VCPU, 0, "KVM_CREATE_VCPU"));
+  alignas(kvm_msrs) uint8_t probe_buf[sizeof(kvm_msrs) + sizeof(kvm_msr_entry)] = {};
+  auto* probe_msr = reinterpret_cast<kvm_msrs*>(probe_buf);
+  probe_msr->nmsrs = 1;
+  probe_msr->entries[0].index = kMsrPvmSignature;
+  if (::ioctl(vcpu.get(), KVM_GET_MSRS, probe_msr) == 1 && probe_msr->entries[0].data == kPvmSignature)
+    backend_ = Backend::Pvm;
 }
 
 int Kvm::check_extension(long cap) const { return ::ioctl(fd_.get(), KVM_CHECK_EXTENSION, cap); }

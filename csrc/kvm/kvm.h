@@ -2,7 +2,7 @@
 // Every failing ioctl throws HypervisorError naming the call and errno.
 #pragma once
 
-#include <linux/kvm.h>
+#include "kvm/kvm_uapi.h"
 
 #include <cstdint>
 #include <memory>
@@ -32,6 +32,9 @@ class Kvm {
   const std::vector<kvm_cpuid_entry2>& supported_cpuid() const { return cpuid_; }
   // KVM_GET_MSR_INDEX_LIST; the MSRs a snapshot saves (see Vcpu::saved_msrs).
   const std::vector<uint32_t>& msr_index_list() const { return msr_list_; }
+  // PVM or hardware KVM, detected once by reading the PVM signature MSR
+  // from a scratch vCPU (it reads "PVM" only on kvm-pvm).
+  Backend backend() const { return backend_; }
 
  private:
   Kvm();
@@ -39,6 +42,7 @@ class Kvm {
   size_t vcpu_mmap_size_ = 0;
   std::vector<kvm_cpuid_entry2> cpuid_;
   std::vector<uint32_t> msr_list_;
+  Backend backend_ = Backend::HardwareKvm;
 };
 
 class KvmVcpu;

@@ -25,7 +25,7 @@ LoadedElf load_elf(GuestMemory& memory, const std::string& path) {
   Mapping file(addr, size);
   const auto* bytes = file.as<const uint8_t>();
 
-  auto bad = [&](const std::string& why) { return std::runtime_error(path + ": " + why); };
+  auto bad = [&](const std::string& why) { return std::invalid_argument(path + ": " + why); };
   if (size < sizeof(Elf64_Ehdr)) throw bad("too small for an ELF header");
   const auto* eh = reinterpret_cast<const Elf64_Ehdr*>(bytes);
   if (std::memcmp(eh->e_ident, ELFMAG, SELFMAG) != 0) throw bad("not an ELF file");

@@ -15,7 +15,7 @@ struct LoadedElf {
   uint64_t highest;     // end of the highest segment (memsz)
 };
 
-// Throws std::runtime_error for a file that is not a loadable x86-64 ELF or
+// Throws std::invalid_argument for a file that is not a loadable x86-64 ELF or
 // whose segments fall outside guest memory.
 LoadedElf load_elf(GuestMemory& memory, const std::string& path);
 

@@ -21,7 +21,7 @@
 //   0x100000 test guest image
 #pragma once
 
-#include <linux/kvm.h>
+#include "kvm/kvm_uapi.h"
 
 #include <cstdint>
 

@@ -1,0 +1,206 @@
+#include "vm/machine.h"
+
+#include <stdexcept>
+
+#include "common/errors.h"
+#include "vm/elf.h"
+#include "vm/x86_boot.h"
+
+namespace cellvm {
+
+namespace {
+
+constexpr uint64_t kMmioHoleStart = 0xc0000000;  // devices live above 3 GiB
+constexpr uint64_t kIdentityMapAddr = 0xfeffc000;  // hardware KVM (VMX) scratch pages
+constexpr uint64_t kTssAddr = 0xfeffd000;
+constexpr size_t kConsoleTailForErrors = 4096;
+
+// The supported CPUID with this vCPU's APIC ID, so the topology the guest
+// reads from CPUID matches the LAPIC KVM gives each vCPU (its index).
+std::vector<kvm_cpuid_entry2> cpuid_for(int vcpu) {
+  std::vector<kvm_cpuid_entry2> entries = Kvm::instance().supported_cpuid();
+  for (kvm_cpuid_entry2& e : entries) {
+    if (e.function == 1) e.ebx = (e.ebx & 0x00ffffff) | (uint32_t(vcpu) << 24);
+    if (e.function == 0xb || e.function == 0x1f) e.edx = vcpu;
+  }
+  return entries;
+}
+
+}  // namespace
+
+Machine::Machine(MachineConfig config)
+    : config_(config), backend_(Kvm::instance().backend()), coordinator_(config.vcpus) {
+  if (config.vcpus < 1 || config.vcpus > x86::kMaxVcpus)
+    throw std::invalid_argument("vcpus must be between 1 and " + std::to_string(x86::kMaxVcpus));
+  if (config.memory_bytes < (16ull << 20) || config.memory_bytes > kMmioHoleStart)
+    throw std::invalid_argument("memory must be between 16 MiB and 3 GiB");
+  if (config.memory_bytes % (2ull << 20) != 0) throw std::invalid_argument("memory must be a multiple of 2 MiB");
+
+  memory_ = std::make_unique<GuestMemory>(config.memory_bytes);
+  if (backend_ == Backend::HardwareKvm) {
+    vm_.set_tss_addr(kTssAddr);
+    vm_.set_identity_map_addr(kIdentityMapAddr);
+  }
+  // Memory slots before the irqchip: on PVM a slot added after
+  // KVM_CREATE_IRQCHIP costs ~10 ms instead of ~50 us (PVM-HOST-FACTS.md).
+  vm_.set_memory_region(0, 0, memory_->size(), memory_->host());
+  vm_.create_irqchip();
+  for (int i = 0; i < config.vcpus; ++i) {
+    auto vcpu = std::make_unique<Vcpu>(vm_.create_vcpu(i), backend_);
+    vcpu->kvm().set_cpuid(cpuid_for(i));
+    vcpus_.push_back(std::move(vcpu));
+  }
+
+  pio_bus_.add(Serial::kBase, 8, &serial_);
+  mmio_bus_.add(TestDevice::kBase, TestDevice::kSize, &testdev_);
+}
+
+Machine::~Machine() { close(); }
+
+void Machine::check_open() const {
+  if (closed_) throw MachineClosedError();
+}
+
+void Machine::load_test_guest(const std::string& elf_path, const std::vector<uint64_t>& params) {
+  std::lock_guard lock(mutex_);
+  check_open();
+  if (started_) throw std::logic_error("load_test_guest() after start()");
+  if (params.size() > 512) throw std::invalid_argument("at most 512 parameter words");
+  x86::write_boot_tables(*memory_, config_.vcpus);
+  for (size_t i = 0; i < params.size(); ++i) memory_->store<uint64_t>(x86::kParams + 8 * i, params[i]);
+  LoadedElf elf = load_elf(*memory_, elf_path);
+  for (auto& vcpu : vcpus_) {
+    int i = vcpu->index();
+    KvmVcpu& kvm = vcpu->kvm();
+    kvm.set_sregs(x86::long_mode_sregs(kvm.get_sregs(), i));
+    kvm_regs regs{};
+    regs.rip = elf.entry;
+    regs.rsp = x86::kernel_stack_top(i);
+    regs.rdi = i;
+    regs.rsi = x86::kParams;
+    regs.rflags = 0x2;
+    kvm.set_regs(regs);
+    // Secondary vCPUs would wait for INIT/SIPI; test guests start them all at the entry.
+    kvm.set_mp_state(KVM_MP_STATE_RUNNABLE);
+  }
+}
+
+void Machine::start() {
+  std::lock_guard lock(mutex_);
+  check_open();
+  if (started_) throw std::logic_error("the machine is already started");
+  started_ = true;
+  for (auto& vcpu : vcpus_) {
+    Vcpu* v = vcpu.get();
+    coordinator_.set_kick(v->index(), [v] { v->kick(); });
+  }
+  for (auto& vcpu : vcpus_) threads_.emplace_back(&Machine::vcpu_thread, this, vcpu->index());
+}
+
+void Machine::vcpu_thread(int index) {
+  Vcpu& vcpu = *vcpus_[index];
+  vcpu.bind_to_current_thread();
+  coordinator_.attach(index);
+  kvm_run* run = vcpu.kvm().run_area();
+  auto capture = [&vcpu] { return vcpu.capture(); };
+  auto apply = [&vcpu](const VcpuState& state) { vcpu.apply(state); };
+  try {
+    while (true) {
+      if (coordinator_.has_request()) {
+        if (coordinator_.safe_point(index, capture, apply) == Coordinator<VcpuState>::Next::Stop) break;
+        continue;
+      }
+      bool exited = vcpu.kvm().run();
+      __atomic_store_n(&run->immediate_exit, 0, __ATOMIC_SEQ_CST);
+      if (!exited) continue;  // kicked: look at the coordinator's request
+      if (vcpu.handle_exit(*this) == Vcpu::ExitAction::Stop) break;
+    }
+  } catch (const std::exception& e) {
+    vcpu_fault({"vmm-error", e.what(), index, {}});
+  }
+  coordinator_.detach(index);
+}
+
+void Machine::guest_exit(int64_t code) {
+  {
+    std::lock_guard lock(mutex_);
+    if (!exit_code_ && !fault_) exit_code_ = code;
+  }
+  request_stop();
+}
+
+void Machine::vcpu_fault(GuestFault fault) {
+  {
+    std::lock_guard lock(mutex_);
+    if (!exit_code_ && !fault_) fault_ = std::move(fault);
+  }
+  request_stop();
+}
+
+void Machine::request_stop() {
+  {
+    std::lock_guard lock(mutex_);
+    if (stopping_) return;
+    stopping_ = true;
+  }
+  coordinator_.shutdown();
+  for (auto& vcpu : vcpus_) vcpu->kick();
+  stopped_cv_.notify_all();
+}
+
+bool Machine::stopped() const {
+  std::lock_guard lock(mutex_);
+  return stopping_;
+}
+
+std::optional<int64_t> Machine::wait(std::chrono::nanoseconds timeout) {
+  std::unique_lock lock(mutex_);
+  check_open();
+  if (!stopped_cv_.wait_for(lock, timeout, [this] { return stopping_; })) return std::nullopt;
+  if (fault_) {
+    std::string what = "vCPU " + std::to_string(fault_->vcpu) + ": " + fault_->detail;
+    throw GuestCrashed(what, fault_->reason, fault_->vcpu, fault_->registers, console_.tail(kConsoleTailForErrors));
+  }
+  if (exit_code_) return exit_code_;
+  throw MachineClosedError();
+}
+
+std::vector<std::optional<VcpuState>> Machine::pause(std::chrono::nanoseconds deadline) {
+  {
+    std::lock_guard lock(mutex_);
+    check_open();
+    if (!started_) throw std::logic_error("pause() before start()");
+  }
+  try {
+    return coordinator_.pause(deadline);
+  } catch (const DeadlineExceeded& e) {
+    throw DeadlineError(e.what(), static_cast<int>(e.vcpu), console_.tail(kConsoleTailForErrors));
+  }
+}
+
+void Machine::resume() {
+  {
+    std::lock_guard lock(mutex_);
+    check_open();
+  }
+  coordinator_.resume();
+}
+
+void Machine::close() {
+  {
+    std::lock_guard lock(mutex_);
+    if (closed_) return;
+  }
+  request_stop();
+  for (std::thread& t : threads_) t.join();
+  threads_.clear();
+  std::lock_guard lock(mutex_);
+  closed_ = true;
+}
+
+std::vector<std::pair<std::string, uint64_t>> Machine::vcpu_stats(int vcpu) const {
+  if (vcpu < 0 || vcpu >= static_cast<int>(vcpus_.size())) throw std::out_of_range("no such vCPU");
+  return vcpus_[vcpu]->kvm().stats().read_all();
+}
+
+}  // namespace cellvm

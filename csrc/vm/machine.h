@@ -1,0 +1,99 @@
+// A whole microVM: the KVM VM, guest memory, devices on their buses, one
+// thread per vCPU under the coordinator. Python drives it through
+// bindings.cpp (cellvm._core.Machine).
+//
+// Lifecycle: construct (VM, memory, irqchip, vCPUs) -> load a guest ->
+// start() (vCPU threads run) -> pause()/resume() any number of times ->
+// the guest exits, faults, or close() stops it. wait() reports which.
+#pragma once
+
+#include <chrono>
+#include <condition_variable>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "devices/device.h"
+#include "devices/serial.h"
+#include "devices/testdev.h"
+#include "kvm/kvm.h"
+#include "vm/console.h"
+#include "vm/coordinator.h"
+#include "vm/memory.h"
+#include "vm/vcpu.h"
+
+namespace cellvm {
+
+struct MachineConfig {
+  uint64_t memory_bytes = 64ull << 20;
+  int vcpus = 1;
+};
+
+class Machine final : public Platform, public VcpuHost {
+ public:
+  explicit Machine(MachineConfig config);
+  ~Machine() override;
+  Machine(const Machine&) = delete;
+  Machine& operator=(const Machine&) = delete;
+
+  const MachineConfig& config() const { return config_; }
+  Backend backend() const { return backend_; }
+  GuestMemory& memory() { return *memory_; }
+  uint64_t tsc_khz() const { return vm_.tsc_khz(); }
+
+  // Loads a test guest ELF (guest/testguests) and points every vCPU at its
+  // entry: RDI = vCPU index, RSI = parameter page, RSP = its kernel stack.
+  void load_test_guest(const std::string& elf_path, const std::vector<uint64_t>& params);
+
+  void start();
+  // The guest's exit code once it stopped the machine; nullopt if `timeout`
+  // passed first. Throws GuestCrashed if a vCPU faulted.
+  std::optional<int64_t> wait(std::chrono::nanoseconds timeout);
+  bool stopped() const;
+
+  // Every vCPU's state by index (nullopt: that vCPU is not running).
+  std::vector<std::optional<VcpuState>> pause(std::chrono::nanoseconds deadline);
+  void resume();
+  void close();
+
+  std::string console() const { return console_.text(); }
+  std::vector<TestDevice::Report> reports() const { return testdev_.reports(); }
+  std::vector<TestDevice::Mark> marks() const { return testdev_.marks(); }
+  std::vector<std::pair<std::string, uint64_t>> vcpu_stats(int vcpu) const;
+
+  // Platform, VcpuHost: called from vCPU threads.
+  void set_irq_line(uint32_t irq, bool level) override { vm_.irq_line(irq, level); }
+  void guest_exit(int64_t code) override;
+  void console_output(const uint8_t* data, size_t len) override { console_.append(data, len); }
+  const Bus& pio_bus() const override { return pio_bus_; }
+  const Bus& mmio_bus() const override { return mmio_bus_; }
+  void vcpu_fault(GuestFault fault) override;
+
+ private:
+  void vcpu_thread(int index);
+  void request_stop();
+  void check_open() const;
+
+  MachineConfig config_;
+  KvmVm vm_;
+  Backend backend_;
+  std::unique_ptr<GuestMemory> memory_;
+  std::vector<std::unique_ptr<Vcpu>> vcpus_;
+  Coordinator<VcpuState> coordinator_;
+  Console console_;
+  Serial serial_{*this};
+  TestDevice testdev_{*this};
+  Bus pio_bus_, mmio_bus_;
+  std::vector<std::thread> threads_;
+
+  mutable std::mutex mutex_;  // guards everything below
+  std::condition_variable stopped_cv_;
+  bool started_ = false, stopping_ = false, closed_ = false;
+  std::optional<int64_t> exit_code_;
+  std::optional<GuestFault> fault_;
+};
+
+}  // namespace cellvm
