@@ -16,7 +16,7 @@ namespace cellvm {
 
 LoadedElf load_elf(GuestMemory& memory, const std::string& path) {
   UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
-  if (!fd) throw HypervisorError::from_errno("open(" + path + ")");
+  if (!fd) throw std::invalid_argument("cannot open guest image " + path + ": " + std::strerror(errno));
   struct stat st {};
   if (::fstat(fd.get(), &st) < 0) throw HypervisorError::from_errno("fstat(" + path + ")");
   size_t size = st.st_size;
