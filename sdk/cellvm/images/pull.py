@@ -1,0 +1,138 @@
+"""pull(): reference -> verified blobs in the cache -> root filesystem image + run config.
+
+    image = await pull("node:24")
+    image.rootfs          # .../rootfs/<manifest hex>.erofs/rootfs.erofs
+    image.config.argv     # ("node",)
+
+A re-pull of a cached image asks the registry for the manifest only and
+moves no blob; an interrupted pull is resumed by the next one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import anyio
+
+from cellvm.errors import ImageError
+from cellvm.images.config import ImageConfig, image_config_from_json
+from cellvm.images.locks import file_lock
+from cellvm.images.manifest import Descriptor, Platform, host_linux_platform
+from cellvm.images.mirrors import load_mirror_config
+from cellvm.images.progress import PullReporter
+from cellvm.images.reference import parse_reference
+from cellvm.images.registry import RegistryClient, RetryPolicy
+from cellvm.images.rootfs import FORMATS, RootfsFormat, build_rootfs
+from cellvm.images.sources import ImageSource, RegistrySource, ResolvedManifest, local_source
+from cellvm.images.store import Image, ImageStore
+from cellvm.images.unpack import apply_layers
+
+# Enough parallel layer downloads to fill a link, few enough not to thrash a small registry.
+MAX_PARALLEL_BLOBS = 4
+
+
+async def pull(
+    image: str,
+    *,
+    platform: str | Platform | None = None,
+    rootfs_format: RootfsFormat = "erofs",
+    store: ImageStore | None = None,
+    reporter: PullReporter | None = None,
+    retry: RetryPolicy | None = None,
+) -> Image:
+    """Pull ``image`` (a reference like ``node:24``, ``oci:DIR[:TAG]``, ``docker-archive:FILE``)
+    and return it with its root filesystem image built."""
+    if rootfs_format not in FORMATS:
+        raise ImageError(f"unknown rootfs format {rootfs_format!r}")
+    wanted = Platform.parse(platform) if isinstance(platform, str) else platform or host_linux_platform()
+    store = store or ImageStore()
+    reporter = reporter or PullReporter()
+    retry = retry or RetryPolicy()
+
+    local = local_source(image)
+    async with RegistryClient(retry=retry) as client:
+        source: ImageSource
+        if local is not None:
+            source = local
+        else:
+            reference = parse_reference(image)
+            mirrors = await anyio.to_thread.run_sync(load_mirror_config)
+            source = RegistrySource(reference, client, mirrors.endpoints(reference))
+        resolved = await source.resolve(wanted)
+        reporter.resolved(source.name, resolved.digest)
+
+        cached = store.load_image(source.name, resolved.digest, rootfs_format)
+        if cached is None:
+            await _fetch_blobs(store, source, resolved, reporter, retry)
+            cached = await _build(store, source.name, resolved, rootfs_format, reporter)
+        else:
+            for layer in resolved.manifest.layers:
+                reporter.layer_cached(layer.digest, layer.size)
+    for digest, raw in resolved.documents.items():
+        if not store.blobs.has(digest):
+            store.blobs.put_bytes(digest, raw)
+    store.record(source.name, resolved.digest, rootfs_format, sorted(resolved.documents))
+    reporter.done(cached)
+    return cached
+
+
+async def _fetch_blobs(
+    store: ImageStore, source: ImageSource, resolved: ResolvedManifest, reporter: PullReporter, retry: RetryPolicy
+) -> None:
+    limiter = anyio.Semaphore(MAX_PARALLEL_BLOBS)
+
+    async def fetch(descriptor: Descriptor, is_layer: bool) -> None:
+        async with limiter:
+            if is_layer:
+                reporter.layer_started(descriptor.digest, descriptor.size)
+            moved = await store.blobs.ensure(
+                descriptor.digest,
+                descriptor.size,
+                source,
+                retry=retry,
+                on_progress=(lambda n: reporter.layer_advanced(descriptor.digest, n)) if is_layer else None,
+            )
+            if is_layer:
+                if moved:
+                    reporter.layer_finished(descriptor.digest)
+                else:
+                    reporter.layer_cached(descriptor.digest, descriptor.size)
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(fetch, resolved.manifest.config, False)
+        for layer in resolved.manifest.layers:
+            group.start_soon(fetch, layer, True)
+
+
+async def _build(
+    store: ImageStore, name: str, resolved: ResolvedManifest, fmt: RootfsFormat, reporter: PullReporter
+) -> Image:
+    async with file_lock(store.blobs.locks_dir / f"rootfs-{resolved.digest.split(':')[1]}.lock"):
+        image = store.load_image(name, resolved.digest, fmt)
+        if image is not None:  # built by a concurrent pull while we waited for the lock
+            return image
+        reporter.building(fmt)
+        staging = store.blobs.tmp_dir / f"build-{resolved.digest.split(':')[1]}-{os.getpid()}"
+        try:
+            config = await anyio.to_thread.run_sync(_build_blocking, store, resolved, staging, fmt)
+            store.publish_rootfs(staging, resolved.digest, fmt, config, [d.digest for d in resolved.manifest.layers])
+        finally:
+            if staging.exists():
+                await anyio.to_thread.run_sync(lambda: shutil.rmtree(staging, ignore_errors=True))
+    image = store.load_image(name, resolved.digest, fmt)
+    assert image is not None
+    return image
+
+
+def _build_blocking(store: ImageStore, resolved: ResolvedManifest, staging: Path, fmt: RootfsFormat) -> ImageConfig:
+    if staging.exists():
+        shutil.rmtree(staging)
+    tree = staging / "tree"
+    tree.mkdir(parents=True)
+    apply_layers(tree, [store.blobs.path(layer.digest) for layer in resolved.manifest.layers])
+    config = image_config_from_json(store.blobs.read_bytes(resolved.manifest.config.digest), tree)
+    build_rootfs(tree, staging / f"rootfs.{fmt}", fmt)
+    shutil.rmtree(tree)
+    return config
