@@ -104,6 +104,8 @@ NB_MODULE(_core, m) {
       .def_prop_ro("tsc_khz", &Machine::tsc_khz)
       .def("load_test_guest", &Machine::load_test_guest, "path"_a, "params"_a, ReleaseGil(),
            "Load a test guest ELF; every vCPU starts at its entry with the given parameter words.")
+      .def("load_linux", &Machine::load_linux, "vmlinux"_a, "initrd"_a = "", "cmdline"_a = "", ReleaseGil(),
+           "Load an uncompressed vmlinux (+ initrd) for the 64-bit boot protocol.")
       .def("start", &Machine::start, ReleaseGil(), "Start every vCPU thread.")
       .def(
           "wait", [](Machine& self, double timeout) { return self.wait(seconds(timeout)); }, "timeout"_a,

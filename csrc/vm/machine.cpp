@@ -4,6 +4,7 @@
 
 #include "common/errors.h"
 #include "vm/elf.h"
+#include "vm/linux_boot.h"
 #include "vm/x86_boot.h"
 
 namespace cellvm {
@@ -52,6 +53,7 @@ Machine::Machine(MachineConfig config)
   }
 
   pio_bus_.add(Serial::kBase, 8, &serial_);
+  pio_bus_.add(I8042::kDataPort, I8042::kCommandPort - I8042::kDataPort + 1, &i8042_);
   mmio_bus_.add(TestDevice::kBase, TestDevice::kSize, &testdev_);
 }
 
@@ -83,6 +85,21 @@ void Machine::load_test_guest(const std::string& elf_path, const std::vector<uin
     // Secondary vCPUs would wait for INIT/SIPI; test guests start them all at the entry.
     kvm.set_mp_state(KVM_MP_STATE_RUNNABLE);
   }
+}
+
+void Machine::load_linux(const std::string& vmlinux, const std::string& initrd, const std::string& cmdline) {
+  std::lock_guard lock(mutex_);
+  check_open();
+  if (started_) throw std::logic_error("load_linux() after start()");
+  LinuxBootInfo boot = cellvm::load_linux(*memory_, config_.vcpus, vmlinux, initrd, cmdline);
+  KvmVcpu& bsp = vcpus_[0]->kvm();
+  bsp.set_sregs(x86::long_mode_sregs(bsp.get_sregs(), 0));
+  kvm_regs regs{};
+  regs.rip = boot.entry;
+  regs.rsi = boot.boot_params;
+  regs.rsp = x86::kernel_stack_top(0);
+  regs.rflags = 0x2;
+  bsp.set_regs(regs);
 }
 
 void Machine::start() {

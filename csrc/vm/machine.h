@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "devices/device.h"
+#include "devices/i8042.h"
 #include "devices/serial.h"
 #include "devices/testdev.h"
 #include "kvm/kvm.h"
@@ -47,6 +48,9 @@ class Machine final : public Platform, public VcpuHost {
   // Loads a test guest ELF (guest/testguests) and points every vCPU at its
   // entry: RDI = vCPU index, RSI = parameter page, RSP = its kernel stack.
   void load_test_guest(const std::string& elf_path, const std::vector<uint64_t>& params);
+  // Loads vmlinux (+ initrd) for the 64-bit boot protocol (linux_boot.h).
+  // vCPU 0 starts at startup_64; the others wait for the guest's INIT/SIPI.
+  void load_linux(const std::string& vmlinux, const std::string& initrd, const std::string& cmdline);
 
   void start();
   // The guest's exit code once it stopped the machine; nullopt if `timeout`
@@ -86,6 +90,7 @@ class Machine final : public Platform, public VcpuHost {
   Console console_;
   Serial serial_{*this};
   TestDevice testdev_{*this};
+  I8042 i8042_{*this};
   Bus pio_bus_, mmio_bus_;
   std::vector<std::thread> threads_;
 
