@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 import anyio
+import anyio.abc
 
 from cellvm.errors import ImageError
 from cellvm.images.config import ImageConfig, image_config_from_json
@@ -82,28 +83,38 @@ async def _fetch_blobs(
     store: ImageStore, source: ImageSource, resolved: ResolvedManifest, reporter: PullReporter, retry: RetryPolicy
 ) -> None:
     limiter = anyio.Semaphore(MAX_PARALLEL_BLOBS)
+    failures: list[Exception] = []
 
-    async def fetch(descriptor: Descriptor, is_layer: bool) -> None:
-        async with limiter:
-            if is_layer:
-                reporter.layer_started(descriptor.digest, descriptor.size)
-            moved = await store.blobs.ensure(
-                descriptor.digest,
-                descriptor.size,
-                source,
-                retry=retry,
-                on_progress=(lambda n: reporter.layer_advanced(descriptor.digest, n)) if is_layer else None,
-            )
-            if is_layer:
-                if moved:
-                    reporter.layer_finished(descriptor.digest)
-                else:
-                    reporter.layer_cached(descriptor.digest, descriptor.size)
+    async def fetch(descriptor: Descriptor, is_layer: bool, group: anyio.abc.TaskGroup) -> None:
+        try:
+            async with limiter:
+                if is_layer:
+                    reporter.layer_started(descriptor.digest, descriptor.size)
+                moved = await store.blobs.ensure(
+                    descriptor.digest,
+                    descriptor.size,
+                    source,
+                    retry=retry,
+                    on_progress=(lambda n: reporter.layer_advanced(descriptor.digest, n)) if is_layer else None,
+                )
+        except Exception as exc:
+            # The first failure stops the other downloads (their partial files stay for the
+            # next pull) and is raised as itself, not wrapped in an exception group.
+            failures.append(exc)
+            group.cancel_scope.cancel()
+            return
+        if is_layer:
+            if moved:
+                reporter.layer_finished(descriptor.digest)
+            else:
+                reporter.layer_cached(descriptor.digest, descriptor.size)
 
     async with anyio.create_task_group() as group:
-        group.start_soon(fetch, resolved.manifest.config, False)
+        group.start_soon(fetch, resolved.manifest.config, False, group)
         for layer in resolved.manifest.layers:
-            group.start_soon(fetch, layer, True)
+            group.start_soon(fetch, layer, True, group)
+    if failures:
+        raise failures[0]
 
 
 async def _build(
