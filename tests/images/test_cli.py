@@ -1,0 +1,54 @@
+"""`cellvm pull | images | rm | prune`, run as a user runs them (not a terminal: no progress bars)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from support.registry import Registry
+
+from cellvm.images import ImageStore
+
+
+def cellvm(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "cellvm.cli", *args], env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_pull_images_rm_prune(mirror_env: Registry, tmp_path: Path) -> None:
+    env = {**os.environ, "CELLVM_CACHE": str(tmp_path / "cache")}
+    pulled = cellvm(env, "pull", "busybox")
+    assert pulled.returncode == 0, pulled.stderr
+    name, digest, rootfs = pulled.stdout.split()
+    assert name == "busybox:latest" and digest.startswith("sha256:") and Path(rootfs).is_file()
+    assert pulled.stderr == "", "no progress output when stderr is not a terminal"
+    assert cellvm(env, "pull", "cellvm-test/config:cmd-only").returncode == 0
+
+    listing = cellvm(env, "images").stdout.splitlines()
+    assert listing[0].split() == ["NAME", "DIGEST", "SIZE", "AGE"]
+    rows = {line.split()[0]: line for line in listing[1:]}
+    assert set(rows) == {"busybox:latest", "cellvm-test/config:cmd-only"}
+    assert digest[:19] in rows["busybox:latest"] and "just now" in rows["busybox:latest"]
+
+    store = ImageStore(tmp_path / "cache" / "images")
+    blobs_before = len(list(store.blobs.blobs_dir.iterdir()))
+    assert cellvm(env, "rm", "docker.io/library/busybox:latest").returncode == 0
+    pruned = cellvm(env, "prune")
+    assert pruned.returncode == 0 and pruned.stdout.startswith("removed ")
+    assert not Path(rootfs).exists()
+    assert len(list(store.blobs.blobs_dir.iterdir())) < blobs_before
+    assert [line.split()[0] for line in cellvm(env, "images").stdout.splitlines()[1:]] == ["cellvm-test/config:cmd-only"]
+    # what is still named is still complete: a re-pull builds nothing and moves no blob
+    again = cellvm(env, "pull", "cellvm-test/config:cmd-only")
+    assert again.returncode == 0
+
+
+def test_errors_are_one_line_and_exit_1(mirror_env: Registry, tmp_path: Path) -> None:
+    env = {**os.environ, "CELLVM_CACHE": str(tmp_path / "cache")}
+    missing = cellvm(env, "pull", "busybox:nope")
+    assert missing.returncode == 1
+    assert missing.stderr.startswith("cellvm pull: ImageNotFound:")
+    invalid = cellvm(env, "pull", "Not/Valid")
+    assert invalid.returncode == 1 and "InvalidReference" in invalid.stderr
+    assert cellvm(env, "rm", "never-pulled").returncode == 1
