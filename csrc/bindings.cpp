@@ -6,11 +6,14 @@
 #include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/tuple.h>
+#include <nanobind/stl/unique_ptr.h>
 #include <nanobind/stl/vector.h>
 
 #include <chrono>
 
 #include "common/errors.h"
+#include "snapshot/memory_file.h"
+#include "snapshot/state_file.h"
 #include "vm/machine.h"
 
 namespace nb = nanobind;
@@ -48,6 +51,10 @@ void translate(const std::exception_ptr& p, void*) {
     kw["vcpu"] = e.vcpu >= 0 ? nb::cast(e.vcpu) : nb::none();
     kw["console"] = e.console;
     raise_python("DeadlineExceeded", e.what(), kw);
+  } catch (const SnapshotCorruptError& e) {
+    raise_python("SnapshotCorrupt", e.what());
+  } catch (const SnapshotIncompatibleError& e) {
+    raise_python("SnapshotIncompatible", e.what());
   } catch (const MachineClosedError& e) {
     raise_python("MachineClosed", e.what());
   } catch (const HypervisorError& e) {
@@ -91,6 +98,14 @@ NB_MODULE(_core, m) {
       },
       "Facts about /dev/kvm: backend ('pvm' or 'kvm'), CPUID entries, the MSR index list.");
 
+  m.def(
+      "flatten_memory",
+      [](const std::vector<std::string>& layers, uint64_t size, const std::string& path) {
+        return flatten_memory_layers(layers, size, path).bytes_written;
+      },
+      "layers"_a, "size"_a, "path"_a, ReleaseGil(),
+      "Write memory images (full, then diffs, oldest first) as one full image; returns bytes written.");
+
   nb::class_<Machine>(m, "Machine", "A microVM: guest memory, vCPU threads, devices.")
       .def(
           "__init__",
@@ -106,6 +121,26 @@ NB_MODULE(_core, m) {
            "Load a test guest ELF; every vCPU starts at its entry with the given parameter words.")
       .def("load_linux", &Machine::load_linux, "vmlinux"_a, "initrd"_a = "", "cmdline"_a = "", ReleaseGil(),
            "Load an uncompressed vmlinux (+ initrd) for the 64-bit boot protocol.")
+      .def_prop_ro("memory_restored", &Machine::memory_restored,
+                   "True if guest RAM is a MAP_PRIVATE mapping of snapshot images.")
+      .def(
+          "save_snapshot",
+          [](Machine& self, const std::string& dir, double timeout, bool resume) {
+            SnapshotStats stats = self.snapshot(dir, seconds(timeout), resume);
+            std::map<std::string, double> out{{"diff", stats.diff ? 1.0 : 0.0},
+                                              {"pages_written", double(stats.pages_written)},
+                                              {"bytes_written", double(stats.bytes_written)},
+                                              {"pause_seconds", stats.pause_seconds}};
+            return out;
+          },
+          "dir"_a, "timeout"_a = 1.0, "resume"_a = true, ReleaseGil(),
+          "Pause, write state.bin and memory.bin into `dir`, resume unless told not to.")
+      .def_static(
+          "restore_snapshot",
+          [](const std::string& state, const std::vector<std::string>& layers, double timeout,
+             int inject_apply_failure) { return Machine::restore(state, layers, seconds(timeout), inject_apply_failure); },
+          "state"_a, "memory_layers"_a, "timeout"_a = 1.0, "inject_apply_failure"_a = -1, ReleaseGil(),
+          "A running machine continued from state.bin and memory images (full, then diffs).")
       .def("start", &Machine::start, ReleaseGil(), "Start every vCPU thread.")
       .def(
           "wait", [](Machine& self, double timeout) { return self.wait(seconds(timeout)); }, "timeout"_a,

@@ -7,6 +7,8 @@
 #include <string>
 #include <vector>
 
+#include "snapshot/state_file.h"
+
 namespace cellvm {
 
 class Device {
@@ -17,6 +19,10 @@ class Device {
   // Accesses come from any vCPU thread: devices lock their own state.
   virtual void read(uint64_t offset, uint8_t* data, uint32_t len, int vcpu) = 0;
   virtual void write(uint64_t offset, const uint8_t* data, uint32_t len, int vcpu) = 0;
+  // The device's own snapshot state, a blob only it reads back (start it
+  // with a version of its own). Saved while every vCPU is paused.
+  virtual Blob save_state() const { return {}; }
+  virtual void restore_state(const Blob& state) { (void)state; }
 };
 
 // Routes an address to the device whose range holds it. Registration

@@ -71,6 +71,29 @@ void Serial::write(uint64_t offset, const uint8_t* data, uint32_t len, int) {
   update_irq();
 }
 
+namespace {
+struct SerialStateV1 {
+  uint32_t version;
+  uint8_t ier, lcr, mcr, scr, fcr, dll, dlm, thr_interrupt_pending, irq_level;
+};
+}  // namespace
+
+Blob Serial::save_state() const {
+  std::lock_guard lock(mutex_);
+  SerialStateV1 s{1, ier_, lcr_, mcr_, scr_, fcr_, dll_, dlm_, thr_interrupt_pending_, irq_level_};
+  return BlobWriter().pod(s).take();
+}
+
+void Serial::restore_state(const Blob& state) {
+  BlobReader reader(state, "serial state");
+  auto s = reader.pod<SerialStateV1>();
+  reader.expect_end();
+  if (s.version != 1) throw SnapshotIncompatibleError("serial state version " + std::to_string(s.version));
+  std::lock_guard lock(mutex_);
+  ier_ = s.ier, lcr_ = s.lcr, mcr_ = s.mcr, scr_ = s.scr, fcr_ = s.fcr, dll_ = s.dll, dlm_ = s.dlm;
+  thr_interrupt_pending_ = s.thr_interrupt_pending, irq_level_ = s.irq_level;
+}
+
 void Serial::update_irq() {
   bool level = thr_interrupt_pending_ && (ier_ & kIerThri);
   if (level != irq_level_) {

@@ -18,12 +18,14 @@ class Serial : public Device {
   std::string name() const override { return "serial"; }
   void read(uint64_t offset, uint8_t* data, uint32_t len, int vcpu) override;
   void write(uint64_t offset, const uint8_t* data, uint32_t len, int vcpu) override;
+  Blob save_state() const override;
+  void restore_state(const Blob& state) override;
 
  private:
   void update_irq();  // with mutex_ held
 
   Platform& platform_;
-  std::mutex mutex_;
+  mutable std::mutex mutex_;
   uint8_t ier_ = 0, lcr_ = 0, mcr_ = 0, scr_ = 0, fcr_ = 0, dll_ = 0x0c, dlm_ = 0;
   bool thr_interrupt_pending_ = false;  // set on THR write / IER enable, cleared by reading IIR
   bool irq_level_ = false;

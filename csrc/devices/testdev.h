@@ -36,6 +36,9 @@ class TestDevice : public Device {
   void read(uint64_t offset, uint8_t* data, uint32_t len, int vcpu) override;
   void write(uint64_t offset, const uint8_t* data, uint32_t len, int vcpu) override;
 
+  Blob save_state() const override;
+  void restore_state(const Blob& state) override;
+
   std::vector<Report> reports() const;
   std::vector<Mark> marks() const;
 

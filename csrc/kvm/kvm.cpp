@@ -122,6 +122,18 @@ void KvmVm::irq_line(uint32_t irq, bool level) {
   xioctl(fd_.get(), KVM_IRQ_LINE, &line, "KVM_IRQ_LINE");
 }
 
+kvm_irqchip KvmVm::get_irqchip(uint32_t chip_id) const {
+  kvm_irqchip chip{};
+  chip.chip_id = chip_id;
+  xioctl(fd_.get(), KVM_GET_IRQCHIP, &chip, "KVM_GET_IRQCHIP");
+  return chip;
+}
+
+void KvmVm::set_irqchip(const kvm_irqchip& chip) {
+  kvm_irqchip copy = chip;
+  xioctl(fd_.get(), KVM_SET_IRQCHIP, &copy, "KVM_SET_IRQCHIP");
+}
+
 kvm_clock_data KvmVm::get_clock() const {
   kvm_clock_data clock{};
   xioctl(fd_.get(), KVM_GET_CLOCK, &clock, "KVM_GET_CLOCK");

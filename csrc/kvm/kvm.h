@@ -57,6 +57,8 @@ class KvmVm {
   void set_tss_addr(uint64_t gpa);
   void set_identity_map_addr(uint64_t gpa);
   void irq_line(uint32_t irq, bool level);
+  kvm_irqchip get_irqchip(uint32_t chip_id) const;  // KVM_IRQCHIP_PIC_MASTER, _SLAVE, _IOAPIC
+  void set_irqchip(const kvm_irqchip& chip);
   kvm_clock_data get_clock() const;
   void set_clock(const kvm_clock_data& clock);
   uint64_t tsc_khz() const;

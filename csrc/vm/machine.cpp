@@ -3,6 +3,7 @@
 #include <stdexcept>
 
 #include "common/errors.h"
+#include "snapshot/memory_file.h"
 #include "vm/elf.h"
 #include "vm/linux_boot.h"
 #include "vm/x86_boot.h"
@@ -29,7 +30,7 @@ std::vector<kvm_cpuid_entry2> cpuid_for(int vcpu) {
 
 }  // namespace
 
-Machine::Machine(MachineConfig config)
+Machine::Machine(MachineConfig config, const std::vector<std::string>& memory_layers)
     : config_(config), backend_(Kvm::instance().backend()), coordinator_(config.vcpus) {
   if (config.vcpus < 1 || config.vcpus > x86::kMaxVcpus)
     throw std::invalid_argument("vcpus must be between 1 and " + std::to_string(x86::kMaxVcpus));
@@ -37,7 +38,9 @@ Machine::Machine(MachineConfig config)
     throw std::invalid_argument("memory must be between 16 MiB and 3 GiB");
   if (config.memory_bytes % (2ull << 20) != 0) throw std::invalid_argument("memory must be a multiple of 2 MiB");
 
-  memory_ = std::make_unique<GuestMemory>(config.memory_bytes);
+  memory_ = memory_layers.empty()
+                ? std::make_unique<GuestMemory>(config.memory_bytes)
+                : std::make_unique<GuestMemory>(map_memory_layers(memory_layers, config.memory_bytes));
   if (backend_ == Backend::HardwareKvm) {
     vm_.set_tss_addr(kTssAddr);
     vm_.set_identity_map_addr(kIdentityMapAddr);
@@ -55,6 +58,7 @@ Machine::Machine(MachineConfig config)
   pio_bus_.add(Serial::kBase, 8, &serial_);
   pio_bus_.add(I8042::kDataPort, I8042::kCommandPort - I8042::kDataPort + 1, &i8042_);
   mmio_bus_.add(TestDevice::kBase, TestDevice::kSize, &testdev_);
+  devices_ = {&serial_, &i8042_, &testdev_};
 }
 
 Machine::~Machine() { close(); }
@@ -107,20 +111,30 @@ void Machine::start() {
   check_open();
   if (started_) throw std::logic_error("the machine is already started");
   started_ = true;
+  spawn_vcpu_threads(false);
+}
+
+void Machine::spawn_vcpu_threads(bool wait_for_request) {
   for (auto& vcpu : vcpus_) {
     Vcpu* v = vcpu.get();
     coordinator_.set_kick(v->index(), [v] { v->kick(); });
   }
-  for (auto& vcpu : vcpus_) threads_.emplace_back(&Machine::vcpu_thread, this, vcpu->index());
+  for (auto& vcpu : vcpus_) threads_.emplace_back(&Machine::vcpu_thread, this, vcpu->index(), wait_for_request);
 }
 
-void Machine::vcpu_thread(int index) {
+void Machine::vcpu_thread(int index, bool wait_for_request) {
   Vcpu& vcpu = *vcpus_[index];
   vcpu.bind_to_current_thread();
   coordinator_.attach(index);
+  // A restored machine's threads must not enter the guest before the
+  // restore request has reached them: they wait for its first kick.
+  if (wait_for_request) vcpu.wait_for_kick();
   kvm_run* run = vcpu.kvm().run_area();
   auto capture = [&vcpu] { return vcpu.capture(); };
-  auto apply = [&vcpu](const VcpuState& state) { vcpu.apply(state); };
+  auto apply = [this, &vcpu](const VcpuState& state) {
+    if (vcpu.index() == inject_apply_failure_) throw HypervisorError("injected failure applying vCPU state");
+    vcpu.apply(state);
+  };
   try {
     while (true) {
       if (coordinator_.has_request()) {

@@ -33,9 +33,29 @@ struct MachineConfig {
   int vcpus = 1;
 };
 
+struct SnapshotStats {
+  bool diff = false;  // only pages written since the restore (over the parent's images)
+  uint64_t pages_written = 0;
+  uint64_t bytes_written = 0;
+  double pause_seconds = 0;  // vCPUs parked: from the pause request to the resume
+};
+
 class Machine final : public Platform, public VcpuHost {
  public:
-  explicit Machine(MachineConfig config);
+  // A new machine; with `memory_layers` its RAM is those snapshot images
+  // mapped MAP_PRIVATE (see snapshot/memory_file.h) instead of a fresh memfd.
+  explicit Machine(MachineConfig config, const std::vector<std::string>& memory_layers = {});
+
+  // A running machine continued from a snapshot: state file `state_path`
+  // (snapshot/state_file.h), RAM from `memory_layers` (full image, then
+  // diffs). Everything is checked before any vCPU runs; every vCPU applies
+  // its own state in the coordinator's two-phase rendezvous, then all run.
+  static std::unique_ptr<Machine> restore(const std::string& state_path, const std::vector<std::string>& memory_layers,
+                                          std::chrono::nanoseconds deadline, int inject_apply_failure = -1);
+  // Pauses every vCPU, writes state.bin and memory.bin into `dir` (a diff
+  // image if this machine was itself restored), then resumes if `resume`.
+  SnapshotStats snapshot(const std::string& dir, std::chrono::nanoseconds deadline, bool resume);
+  bool memory_restored() const { return memory_->restored(); }
   ~Machine() override;
   Machine(const Machine&) = delete;
   Machine& operator=(const Machine&) = delete;
@@ -77,7 +97,9 @@ class Machine final : public Platform, public VcpuHost {
   void vcpu_fault(GuestFault fault) override;
 
  private:
-  void vcpu_thread(int index);
+  void vcpu_thread(int index, bool wait_for_request);
+  void spawn_vcpu_threads(bool wait_for_request);
+  void restore_state(const StateFile& state);  // VM-wide and device state, then threads at the gate
   void request_stop();
   void check_open() const;
 
@@ -92,6 +114,8 @@ class Machine final : public Platform, public VcpuHost {
   TestDevice testdev_{*this};
   I8042 i8042_{*this};
   Bus pio_bus_, mmio_bus_;
+  std::vector<Device*> devices_;
+  int inject_apply_failure_ = -1;  // tests: this vCPU's apply throws, as a broken state would  // every device, for snapshots (by name)
   std::vector<std::thread> threads_;
 
   mutable std::mutex mutex_;  // guards everything below

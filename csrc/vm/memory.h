@@ -12,11 +12,14 @@ namespace cellvm {
 
 class GuestMemory {
  public:
-  explicit GuestMemory(uint64_t size);  // zero-filled, lazily allocated
+  explicit GuestMemory(uint64_t size);  // zero-filled, lazily allocated, memfd-backed
+  // Restored memory: a MAP_PRIVATE mapping of snapshot images (no memfd).
+  explicit GuestMemory(Mapping restored) : map_(std::move(restored)) {}
+  bool restored() const { return !fd_; }
 
   uint64_t size() const { return map_.size(); }
   uint8_t* host() const { return map_.as<uint8_t>(); }
-  int fd() const { return fd_.get(); }
+  int fd() const { return fd_.get(); }  // -1 for restored memory
 
   // Host pointer to [gpa, gpa+len); throws std::out_of_range outside RAM.
   uint8_t* at(uint64_t gpa, uint64_t len) const;

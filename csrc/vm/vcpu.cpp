@@ -50,6 +50,8 @@ void Vcpu::bind_to_current_thread() {
 void Vcpu::kick() {
   __atomic_store_n(&kvm_->run_area()->immediate_exit, 1, __ATOMIC_SEQ_CST);
   if (has_thread_.load()) pthread_kill(thread_.load(), kick_signal());
+  kicked_.store(true);
+  kicked_.notify_all();
 }
 
 void Vcpu::complete_pending_io() {

@@ -59,6 +59,8 @@ class Vcpu {
   // From any thread: make this vCPU leave KVM_RUN soon.
   void kick();
   void bind_to_current_thread();
+  // Blocks this vCPU's thread until the first kick() (restore start gate).
+  void wait_for_kick() { kicked_.wait(false); }
 
   std::map<std::string, uint64_t> registers() const;
 
@@ -70,6 +72,7 @@ class Vcpu {
   std::vector<uint32_t> saved_msrs_;
   std::atomic<pthread_t> thread_{};
   std::atomic<bool> has_thread_{false};
+  std::atomic<bool> kicked_{false};
   bool io_pending_ = false;  // last exit was I/O or MMIO: KVM must finish it before a capture
 };
 

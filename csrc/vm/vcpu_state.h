@@ -7,6 +7,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "snapshot/state_file.h"
+
 namespace cellvm {
 
 struct VcpuState {
@@ -19,6 +21,11 @@ struct VcpuState {
   kvm_vcpu_events events{};
   kvm_mp_state mp_state{};
   kvm_debugregs debugregs{};
+
+  // One record each, length-prefixed: a kernel whose structs differ in size
+  // gives SnapshotIncompatibleError, never a misread state.
+  Blob serialize() const;
+  static VcpuState deserialize(const Blob& blob, const std::string& what);
 };
 
 }  // namespace cellvm

@@ -1,0 +1,42 @@
+// Guest memory on disk: sparse files that a restore maps MAP_PRIVATE, so
+// pages load lazily, writes are copy-on-write and every VM restored from one
+// snapshot shares the page cache.
+//
+// A full image holds every page the guest touched, at its own offset (holes
+// read as zero). A diff image holds only the pages written since the machine
+// was restored; a restore maps the parent chain and then each diff's data
+// extents over it, oldest first.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "common/fd.h"
+
+namespace cellvm {
+
+struct MemoryWriteStats {
+  uint64_t pages_written = 0;
+  uint64_t bytes_written = 0;
+};
+
+// Every data extent of `memfd` (SEEK_DATA/SEEK_HOLE: the pages the guest or
+// the VMM ever touched) into a sparse file of the same size at `path`.
+MemoryWriteStats write_full_memory(int memfd, const uint8_t* host, uint64_t size, const std::string& path);
+
+// The pages of a MAP_PRIVATE file mapping that were written since it was
+// mapped: /proc/self/pagemap shows them present and no longer file-backed
+// (copy-on-write made them anonymous). Catches guest and VMM writes alike,
+// with no dirty logging slowing the guest down.
+MemoryWriteStats write_diff_memory(const uint8_t* host, uint64_t size, const std::string& path);
+
+// Maps `layers` (a full image, then diffs, oldest first) MAP_PRIVATE as one
+// range of `size` bytes. Throws SnapshotCorruptError if a layer's size is not
+// `size` (truncated).
+Mapping map_memory_layers(const std::vector<std::string>& layers, uint64_t size);
+
+// Writes the composition of `layers` as one full image (flattening a chain).
+MemoryWriteStats flatten_memory_layers(const std::vector<std::string>& layers, uint64_t size, const std::string& path);
+
+}  // namespace cellvm

@@ -1,0 +1,151 @@
+// Machine::snapshot and Machine::restore: what a whole machine saves, in
+// which order it is put back, and why. The file formats are in snapshot/;
+// each device saves its own state (Device::save_state).
+#include <algorithm>
+
+#include "common/errors.h"
+#include "snapshot/memory_file.h"
+#include "snapshot/state_file.h"
+#include "vm/machine.h"
+
+namespace cellvm {
+
+namespace {
+
+constexpr uint32_t kMsrTsc = 0x10;
+constexpr uint32_t kIrqChips[] = {KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQCHIP_IOAPIC};
+
+// The VM shape and the host facts a snapshot is only valid with.
+struct MachineRecordV1 {
+  uint32_t version;
+  uint32_t backend;  // Backend
+  uint32_t vcpus;
+  uint32_t reserved;
+  uint64_t memory_bytes;
+  uint64_t cpuid_hash;  // of KVM_GET_SUPPORTED_CPUID: the CPU model the guest saw
+};
+
+uint64_t cpuid_hash() {
+  const auto& cpuid = Kvm::instance().supported_cpuid();
+  return fnv1a(reinterpret_cast<const uint8_t*>(cpuid.data()), cpuid.size() * sizeof(cpuid[0]));
+}
+
+std::string vcpu_section(int i) { return "vcpu." + std::to_string(i); }
+std::string irqchip_section(uint32_t chip) { return "vm.irqchip." + std::to_string(chip); }
+
+// One TSC for every vCPU: the latest one saved, so guest time never goes
+// back and no two vCPUs disagree (KVM matches equal host-initiated TSC
+// writes to one offset).
+void align_tsc(std::vector<std::optional<VcpuState>>& targets) {
+  uint64_t tsc = 0;
+  for (auto& t : targets)
+    if (t)
+      for (auto& m : t->msrs)
+        if (m.index == kMsrTsc) tsc = std::max<uint64_t>(tsc, m.data);
+  for (auto& t : targets)
+    if (t)
+      for (auto& m : t->msrs)
+        if (m.index == kMsrTsc) m.data = tsc;
+}
+
+}  // namespace
+
+SnapshotStats Machine::snapshot(const std::string& dir, std::chrono::nanoseconds deadline, bool resume) {
+  {
+    std::lock_guard lock(mutex_);
+    check_open();
+    if (!started_) throw std::logic_error("snapshot() before start()");
+    if (stopping_) throw std::logic_error("cannot snapshot a machine that has stopped");
+  }
+  auto paused_at = std::chrono::steady_clock::now();
+  std::vector<std::optional<VcpuState>> states;
+  try {
+    states = coordinator_.pause(deadline);
+  } catch (const DeadlineExceeded& e) {
+    throw DeadlineError(e.what(), static_cast<int>(e.vcpu), console_.tail(4096));
+  }
+
+  SnapshotStats stats;
+  try {
+    StateFile file;
+    MachineRecordV1 record{1, static_cast<uint32_t>(backend_), static_cast<uint32_t>(config_.vcpus), 0,
+                           config_.memory_bytes, cpuid_hash()};
+    file.put("machine", BlobWriter().pod(record).take());
+    for (size_t i = 0; i < states.size(); ++i)
+      if (states[i]) file.put(vcpu_section(i), states[i]->serialize());
+    for (uint32_t chip : kIrqChips) file.put(irqchip_section(chip), BlobWriter().pod(vm_.get_irqchip(chip)).take());
+    file.put("vm.clock", BlobWriter().pod(vm_.get_clock()).take());
+    for (const Device* device : devices_) file.put("device." + device->name(), device->save_state());
+
+    MemoryWriteStats memory =
+        memory_->restored() ? write_diff_memory(memory_->host(), memory_->size(), dir + "/memory.bin")
+                            : write_full_memory(memory_->fd(), memory_->host(), memory_->size(), dir + "/memory.bin");
+    file.write(dir + "/state.bin");
+    stats.diff = memory_->restored();
+    stats.pages_written = memory.pages_written;
+    stats.bytes_written = memory.bytes_written;
+  } catch (...) {
+    if (resume) coordinator_.resume();
+    throw;
+  }
+  if (resume) coordinator_.resume();
+  stats.pause_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - paused_at).count();
+  return stats;
+}
+
+std::unique_ptr<Machine> Machine::restore(const std::string& state_path, const std::vector<std::string>& memory_layers,
+                                          std::chrono::nanoseconds deadline, int inject_apply_failure) {
+  StateFile state = StateFile::read(state_path);
+  BlobReader reader(state.get("machine"), state_path);
+  auto record = reader.pod<MachineRecordV1>();
+  reader.expect_end();
+  if (record.version != 1) throw SnapshotIncompatibleError("machine record version " + std::to_string(record.version));
+  Backend here = Kvm::instance().backend();
+  if (record.backend != static_cast<uint32_t>(here))
+    throw SnapshotIncompatibleError(std::string("snapshot was taken on ") +
+                                    backend_name(static_cast<Backend>(record.backend)) + ", this host is " +
+                                    backend_name(here));
+  if (record.cpuid_hash != cpuid_hash())
+    throw SnapshotIncompatibleError("snapshot was taken on a host with other CPU features (CPUID differs)");
+
+  std::vector<std::optional<VcpuState>> targets(record.vcpus);
+  for (uint32_t i = 0; i < record.vcpus; ++i)
+    if (state.has(vcpu_section(i)))
+      targets[i] = VcpuState::deserialize(state.get(vcpu_section(i)), state_path + " " + vcpu_section(i));
+  align_tsc(targets);
+
+  MachineConfig config{record.memory_bytes, static_cast<int>(record.vcpus)};
+  auto machine = std::make_unique<Machine>(config, memory_layers);
+  machine->inject_apply_failure_ = inject_apply_failure;
+  machine->restore_state(state);
+  try {
+    machine->coordinator_.restore(std::move(targets), deadline);
+  } catch (const DeadlineExceeded& e) {
+    throw DeadlineError(std::string("restore: ") + e.what(), static_cast<int>(e.vcpu));
+  } catch (const VcpuFailed& e) {
+    throw DeadlineError(std::string("restore: ") + e.what(), static_cast<int>(e.vcpu));
+  }
+  return machine;
+}
+
+void Machine::restore_state(const StateFile& state) {
+  // VM-wide state first: the interrupt controllers and the clock must be
+  // in place before any vCPU runs.
+  for (uint32_t chip : kIrqChips) {
+    BlobReader r(state.get(irqchip_section(chip)), irqchip_section(chip));
+    vm_.set_irqchip(r.pod<kvm_irqchip>());
+    r.expect_end();
+  }
+  BlobReader clock(state.get("vm.clock"), "vm.clock");
+  vm_.set_clock(clock.pod<kvm_clock_data>());
+  clock.expect_end();
+  for (Device* device : devices_) {
+    std::string name = "device." + device->name();
+    if (state.has(name)) device->restore_state(state.get(name));
+  }
+  std::lock_guard lock(mutex_);
+  started_ = true;
+  spawn_vcpu_threads(true);
+}
+
+}  // namespace cellvm

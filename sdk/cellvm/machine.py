@@ -1,0 +1,124 @@
+"""A microVM at the lowest level the SDK offers: the C++ machine plus
+snapshots, restore and fork. Sandbox builds on this; tests and benchmarks
+use it directly with the test guests.
+
+    m = Machine(memory_mib=64, vcpus=2)
+    m.load_test_guest(testguest.path(), params)
+    m.start()
+    snap = m.snapshot()              # pause, save, resume
+    clone = Machine.restore(snap)    # a new machine continuing from it
+    forks = m.fork(8)                # 8 machines continuing from now
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import anyio
+
+from cellvm import _core
+from cellvm.snapshot import Snapshot, take
+
+
+class Machine:
+    """A microVM: guest memory, vCPU threads, devices. Blocking methods
+    release the GIL; async code calls them through anyio.to_thread."""
+
+    def __init__(self, *, memory_mib: int = 64, vcpus: int = 1) -> None:
+        self._core = _core.Machine(memory_mib=memory_mib, vcpus=vcpus)
+        self._parent: Snapshot | None = None
+
+    @classmethod
+    def _wrap(cls, core: _core.Machine, parent: Snapshot | None) -> Machine:
+        machine = cls.__new__(cls)
+        machine._core = core
+        machine._parent = parent
+        return machine
+
+    # ---------------------------------------------------------------- snapshots
+
+    def snapshot(
+        self, path: str | os.PathLike[str] | None = None, *, resume: bool = True, timeout: float = 1.0
+    ) -> Snapshot:
+        """Pause every vCPU, save the machine, resume (unless resume=False).
+
+        With no path the snapshot goes to tmpfs. A machine that was itself
+        restored writes a diff: only the pages written since, over its parent.
+        """
+        snapshot = take(self._core, path, parent=self._parent, resume=resume, timeout=timeout)
+        return snapshot
+
+    @classmethod
+    def restore(cls, snapshot: Snapshot | str | os.PathLike[str], *, timeout: float = 1.0) -> Machine:
+        """A new running machine that continues from `snapshot`. Raises
+        SnapshotCorrupt / SnapshotIncompatible before any vCPU runs, and
+        DeadlineExceeded naming the vCPU if one fails to take its state."""
+        if not isinstance(snapshot, Snapshot):
+            snapshot = Snapshot.open(snapshot)
+        core = _core.Machine.restore_snapshot(
+            str(snapshot.path / "state.bin"), [str(p) for p in snapshot.memory_layers()], timeout=timeout
+        )
+        return cls._wrap(core, snapshot)
+
+    def fork(self, n: int, *, timeout: float = 1.0) -> list[Machine]:
+        """`n` new machines continuing from this one's current state (which
+        keeps running). They share the snapshot's pages copy-on-write."""
+        if n < 1:
+            raise ValueError("fork needs n >= 1")
+        snapshot = self.snapshot(timeout=timeout)
+        try:
+            return [Machine.restore(snapshot, timeout=timeout) for _ in range(n)]
+        finally:
+            # The clones map memory.bin privately; the file can go at once,
+            # unless it is a link in a chain a later diff would need.
+            if not snapshot.is_diff:
+                snapshot.remove()
+
+    # ---------------------------------------------------------------- the machine
+
+    def load_test_guest(self, path: str | os.PathLike[str], params: Sequence[int]) -> None:
+        self._core.load_test_guest(str(path), list(params))
+
+    def load_linux(self, vmlinux: str | os.PathLike[str], initrd: str | os.PathLike[str] = "", cmdline: str = "") -> None:
+        self._core.load_linux(str(vmlinux), str(initrd), cmdline)
+
+    def start(self) -> None:
+        self._core.start()
+
+    def wait(self, timeout: float) -> int | None:
+        return self._core.wait(timeout)
+
+    async def wait_async(self, timeout: float) -> int | None:
+        return await anyio.to_thread.run_sync(self._core.wait, timeout)
+
+    def pause(self, timeout: float = 1.0) -> list[dict[str, int] | None]:
+        return self._core.pause(timeout)
+
+    def resume(self) -> None:
+        self._core.resume()
+
+    def close(self) -> None:
+        self._core.close()
+
+    def __enter__(self) -> Machine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def core(self) -> _core.Machine:
+        """The C++ machine, for what this class does not wrap."""
+        return self._core
+
+    @property
+    def parent(self) -> Snapshot | None:
+        """The snapshot this machine was restored from, if any."""
+        return self._parent
+
+    def __getattr__(self, name: str) -> Any:
+        # Everything else (console, reports, read_memory, vcpu_stats, backend,
+        # vcpus, memory_size, tsc_khz, stopped, ...) is the C++ machine's.
+        return getattr(self._core, name)
