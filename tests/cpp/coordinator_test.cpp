@@ -41,17 +41,17 @@ bool all_progress(Fleet& fleet, const std::vector<std::size_t>& which) {
 }
 
 // Every started vCPU reaches its safe point (one still in a guest slice
-// gets there when the slice ends), then none makes progress for a while.
+// gets there when the slice ends), then none makes progress for three
+// guest slices. Stability is awaited, not sampled once: after a failed
+// restore a vCPU may still be finishing its apply, which also sets `work`.
 bool all_parked(Fleet& fleet) {
-    if (!eventually([&] {
-            for (auto& v : fleet.vcpus)
-                if (v->in_guest()) return false;
-            return true;
-        }))
-        return false;
-    const auto before = work_of(fleet);
-    std::this_thread::sleep_for(60ms);  // three fake guest slices
-    return work_of(fleet) == before;
+    return eventually([&] {
+        for (auto& v : fleet.vcpus)
+            if (v->in_guest()) return false;
+        const auto before = work_of(fleet);
+        std::this_thread::sleep_for(60ms);
+        return work_of(fleet) == before;
+    });
 }
 
 Targets targets_with_work(std::size_t n, std::uint64_t base) {
@@ -121,7 +121,9 @@ TEST(pause_deadline_names_the_stalled_vcpu_and_leaves_the_others_running) {
 TEST(kicks_are_resent_until_the_vcpu_arrives) {
     Fleet fleet(2);
     wait_attached(fleet, 2);
-    fleet[1].drop_kicks(5);  // each lost kick would otherwise cost a whole guest slice
+    fleet[1].slice_lasts(10s);  // only a kick ends its guest slice...
+    fleet[1].drop_kicks(5);     // ...and the first five are lost
+    CHECK(eventually([&] { return fleet[1].current_slice() == 10s; }));
     const auto start = Clock::now();
     const auto states = fleet.coordinator.pause(generous);
     CHECK(Clock::now() - start < 1s);

@@ -68,6 +68,8 @@ public:
         std::lock_guard lock(mutex_);
         kicks_to_drop_ = count;
     }
+    // How long one guest slice lasts when no kick ends it.
+    void slice_lasts(std::chrono::milliseconds duration) { slice_ = duration; }
     void fail_next_capture() { fail_capture_ = true; }
     void fail_next_apply() { fail_apply_ = true; }
     void apply_takes(std::chrono::milliseconds duration) { apply_duration_ = duration; }
@@ -84,6 +86,7 @@ public:
     bool stalling() const { return stalling_.load(); }
     bool stopped() const { return stopped_.load(); }     // safe_point returned Stop
     bool in_guest() const { return in_guest_.load(); }
+    std::chrono::milliseconds current_slice() const { return current_slice_.load(); }
 
     struct ApplyRecord {
         std::thread::id thread;
@@ -141,7 +144,9 @@ private:
             stalling_ = false;
             stall_ended_ = false;
         } else {
-            wake_.wait_for(lock, std::chrono::milliseconds(20), [this] { return kicked_ || finishing_; });
+            current_slice_ = slice_.load();
+            wake_.wait_for(lock, current_slice_.load(), [this] { return kicked_ || finishing_; });
+            current_slice_ = std::chrono::milliseconds(0);
         }
         kicked_ = false;  // like clearing immediate_exit after KVM_RUN returns
         ++work_;
@@ -190,6 +195,8 @@ private:
 
     std::atomic<bool> fail_capture_{false}, fail_apply_{false}, guest_stopped_{false};
     std::atomic<std::chrono::milliseconds> apply_duration_{std::chrono::milliseconds(0)};
+    std::atomic<std::chrono::milliseconds> slice_{std::chrono::milliseconds(20)};
+    std::atomic<std::chrono::milliseconds> current_slice_{};  // zero when not in a kickable slice
     std::atomic<bool> stalling_{false}, stopped_{false}, in_guest_{false};
     std::atomic<std::uint64_t> work_{0}, captures_{0}, runs_{0}, kicks_{0};
 };
