@@ -394,4 +394,41 @@ TEST(thousand_pause_resume_cycles_with_eight_vcpus) {
     CHECK(all_progress(fleet, {0, 1, 2, 3, 4, 5, 6, 7}));
 }
 
+TEST(concurrent_requesters_are_serialized) {
+    Fleet fleet(4);
+    wait_attached(fleet, 4);
+    auto requester = [&] {
+        for (int cycle = 0; cycle < 100; ++cycle) {
+            const auto states = fleet.coordinator.pause(generous);
+            for (std::size_t i = 0; i < 4; ++i)
+                if (!states[i] || states[i]->vcpu != i) throw std::runtime_error("wrong state from pause");
+            fleet.coordinator.resume();
+        }
+    };
+    auto a = std::async(std::launch::async, requester);
+    auto b = std::async(std::launch::async, requester);
+    a.get();
+    b.get();
+    CHECK(all_progress(fleet, {0, 1, 2, 3}));
+}
+
+TEST(shutdown_in_the_middle_of_pause_resume_cycles_stops_everyone) {
+    Fleet fleet(8);
+    wait_attached(fleet, 8);
+    auto requester = std::async(std::launch::async, [&] {
+        for (;;) {
+            fleet.coordinator.pause(generous);
+            fleet.coordinator.resume();
+        }
+    });
+    std::this_thread::sleep_for(50ms);
+    fleet.coordinator.shutdown();
+    CHECK_THROWS(CoordinatorShutDown, requester.get());
+    CHECK(eventually([&] {
+        for (auto& v : fleet.vcpus)
+            if (!v->stopped()) return false;
+        return true;
+    }));
+}
+
 int main(int argc, char** argv) { return check::test_main(argc, argv); }
