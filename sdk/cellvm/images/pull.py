@@ -140,10 +140,53 @@ async def _build(
 def _build_blocking(store: ImageStore, resolved: ResolvedManifest, staging: Path, fmt: RootfsFormat) -> ImageConfig:
     if staging.exists():
         shutil.rmtree(staging)
-    tree = staging / "tree"
-    tree.mkdir(parents=True)
-    apply_layers(tree, [store.blobs.path(layer.digest) for layer in resolved.manifest.layers])
-    config = image_config_from_json(store.blobs.read_bytes(resolved.manifest.config.digest), tree)
-    build_rootfs(tree, staging / f"rootfs.{fmt}", fmt)
-    shutil.rmtree(tree)
+    staging.mkdir(parents=True)
+    layers = resolved.manifest.layers
+    tree = unpack_directory(store, sum(layer.size for layer in layers), resolved.digest)
+    try:
+        apply_layers(tree, [store.blobs.path(layer.digest) for layer in layers])
+        config = image_config_from_json(store.blobs.read_bytes(resolved.manifest.config.digest), tree)
+        build_rootfs(tree, staging / f"rootfs.{fmt}", fmt)
+    finally:
+        shutil.rmtree(tree, ignore_errors=True)
     return config
+
+
+UNPACK_PREFIX = "cellvm-unpack-"
+
+
+def unpack_directory(store: ImageStore, compressed_size: int, digest: str) -> Path:
+    """A fresh directory to unpack into, on tmpfs when it has room.
+
+    The tree is scratch (mkfs reads it once, then it is deleted), and creating
+    thousands of small files is several times faster on tmpfs than on disk.
+    Room means about six times the compressed layers (the usual expansion of
+    a gzip'd root filesystem, with margin); CELLVM_UNPACK_DIR overrides.
+    """
+    parent = Path(os.environ.get("CELLVM_UNPACK_DIR") or store.blobs.tmp_dir)
+    shm = Path("/dev/shm")
+    if "CELLVM_UNPACK_DIR" not in os.environ and shm.is_dir() and os.access(shm, os.W_OK):
+        free = shutil.disk_usage(shm).free
+        if compressed_size * 6 + (256 << 20) < free and compressed_size < (2 << 30):
+            parent = shm
+    parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned_trees(parent)
+    tree = parent / f"{UNPACK_PREFIX}{digest.split(':')[1][:16]}-{os.getpid()}"
+    if tree.exists():
+        shutil.rmtree(tree)
+    tree.mkdir()
+    return tree
+
+
+def _remove_abandoned_trees(parent: Path) -> None:
+    """Trees whose process died (a killed pull) would hold tmpfs memory forever: drop them."""
+    for tree in parent.glob(f"{UNPACK_PREFIX}*-*"):
+        pid = tree.name.rsplit("-", 1)[1]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(tree, ignore_errors=True)
+        except PermissionError:
+            pass  # someone else's live process

@@ -103,6 +103,8 @@ class RegistryClient:
             credentials = await anyio.to_thread.run_sync(load_credentials, endpoint.host)
             client = httpx.AsyncClient(
                 base_url=endpoint.base_url,
+                # Plain-http endpoints never use TLS; loading the CA bundle would cost ~20 ms per pull.
+                verify=endpoint.base_url.startswith("https://"),
                 auth=RegistryAuth(credentials),
                 timeout=self._timeout,
                 follow_redirects=True,
