@@ -87,7 +87,7 @@ static uint64_t median(uint64_t *v, int n) {
 
 /* ------------------------------------------------------------ the VM */
 
-static int kvm_fd;
+static int kvm_fd = -1;
 static struct kvm_cpuid2 *cpuid;
 static size_t run_size;
 
@@ -319,6 +319,24 @@ static struct run_result run(struct vm *v) {
 	}
 }
 
+#ifdef FLOOR_LIB
+/*
+ * Built with -DFLOOR_LIB -shared, vmm.py also loads this file into its own
+ * Python process (ctypes) and alternates floor_create_once() with cellvm's
+ * Machine(): the same ioctls timed in C, in the same process as cellvm.
+ * Returns CREATE_VM -> vCPU ready in ns; the VM is torn down untimed.
+ */
+uint64_t floor_create_once(void) {
+	if (kvm_fd < 0)
+		open_kvm();
+	struct vm v;
+	uint64_t t = now_ns();
+	vm_create(&v, NULL);
+	t = now_ns() - t;
+	vm_destroy(&v);
+	return t;
+}
+#else
 int main(int argc, char **argv) {
 	if (argc != 5) {
 		fprintf(stderr, "usage: %s TESTGUEST.ELF CREATE_N MMIO_ITERS SYSCALL_ITERS\n", argv[0]);
@@ -418,3 +436,4 @@ int main(int argc, char **argv) {
 	       (unsigned long long)sys_cs, (unsigned long long)user_cs);
 	return 0;
 }
+#endif
