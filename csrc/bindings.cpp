@@ -15,6 +15,7 @@
 #include "snapshot/memory_file.h"
 #include "snapshot/state_file.h"
 #include "vm/machine.h"
+#include "vm/vm_pool.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -62,6 +63,18 @@ void translate(const std::exception_ptr& p, void*) {
   }
 }
 
+DeviceSpec device_spec(const nb::dict& d) {
+  std::string kind = nb::cast<std::string>(d["kind"]);
+  DeviceSpec spec{};
+  if (kind == "console") spec.kind = DeviceSpec::Kind::Console;
+  else if (kind == "rng") spec.kind = DeviceSpec::Kind::Rng;
+  else if (kind == "block") spec.kind = DeviceSpec::Kind::Block;
+  else throw std::invalid_argument("unknown device kind " + kind);
+  if (d.contains("path")) spec.path = nb::cast<std::string>(d["path"]);
+  if (d.contains("read_only")) spec.read_only = nb::cast<bool>(d["read_only"]);
+  return spec;
+}
+
 nb::dict state_summary(const VcpuState& s) {
   nb::dict d;
   const kvm_regs& r = s.regs;
@@ -106,6 +119,44 @@ NB_MODULE(_core, m) {
       "layers"_a, "size"_a, "path"_a, ReleaseGil(),
       "Write memory images (full, then diffs, oldest first) as one full image; returns bytes written.");
 
+  auto pool_key = [](uint64_t memory_mib, int vcpus, const std::vector<std::string>& layers) {
+    return VmPool::Key{memory_mib << 20, vcpus, layers};
+  };
+  m.def(
+      "vm_pool_set_target",
+      [pool_key](uint64_t memory_mib, int vcpus, const std::vector<std::string>& layers, int count) {
+        VmPool::instance().set_target(pool_key(memory_mib, vcpus, layers), count);
+      },
+      "memory_mib"_a, "vcpus"_a, "layers"_a, "count"_a, ReleaseGil(),
+      "Keep `count` machines of this shape prepared for restores (layers: premapped memory images, or [] "
+      "for any snapshot of the shape); 0 drops them.");
+  m.def(
+      "vm_pool_wait",
+      [pool_key](uint64_t memory_mib, int vcpus, const std::vector<std::string>& layers, int count, double timeout) {
+        return VmPool::instance().wait_ready(pool_key(memory_mib, vcpus, layers), count, seconds(timeout));
+      },
+      "memory_mib"_a, "vcpus"_a, "layers"_a, "count"_a, "timeout"_a, ReleaseGil(),
+      "Wait until `count` prepared machines are ready (or the build failed); returns how many are.");
+  m.def(
+      "vm_pool_status",
+      [] {
+        nb::list out;
+        for (const VmPool::Status& s : VmPool::instance().status()) {
+          nb::dict d;
+          d["memory_mib"] = s.key.memory_bytes >> 20;
+          d["vcpus"] = s.key.vcpus;
+          d["layers"] = s.key.layers;
+          d["target"] = s.target;
+          d["ready"] = s.ready;
+          d["error"] = s.error;
+          out.append(d);
+        }
+        return out;
+      },
+      "Every pool key with its target, ready count and last build error.");
+  m.def("vm_pool_clear", [] { VmPool::instance().clear(); }, ReleaseGil(),
+        "Drop every prepared machine and stop the pool's worker.");
+
   nb::class_<Machine>(m, "Machine", "A microVM: guest memory, vCPU threads, devices.")
       .def(
           "__init__",
@@ -137,10 +188,31 @@ NB_MODULE(_core, m) {
           "Pause, write state.bin and memory.bin into `dir`, resume unless told not to.")
       .def_static(
           "restore_snapshot",
-          [](const std::string& state, const std::vector<std::string>& layers, double timeout,
-             int inject_apply_failure) { return Machine::restore(state, layers, seconds(timeout), inject_apply_failure); },
-          "state"_a, "memory_layers"_a, "timeout"_a = 1.0, "inject_apply_failure"_a = -1, ReleaseGil(),
+          [](const std::string& state, const std::vector<std::string>& layers, const std::vector<nb::dict>& devices,
+             double timeout, int inject_apply_failure) {
+            std::vector<DeviceSpec> specs;
+            {
+              nb::gil_scoped_acquire gil;
+              for (const nb::dict& d : devices) specs.push_back(device_spec(d));
+            }
+            return Machine::restore(state, layers, specs, seconds(timeout), inject_apply_failure);
+          },
+          "state"_a, "memory_layers"_a, "devices"_a = std::vector<nb::dict>{}, "timeout"_a = 1.0,
+          "inject_apply_failure"_a = -1, ReleaseGil(),
           "A running machine continued from state.bin and memory images (full, then diffs).")
+      .def(
+          "add_device", [](Machine& self, const nb::dict& spec) { return self.add_device(device_spec(spec)); },
+          "spec"_a,
+          "Attach a virtio device before load_linux: {'kind': 'console'|'block'|'rng', 'path': ..., "
+          "'read_only': True}. Returns its index.")
+      .def("console_socket", &Machine::console_socket, "index"_a,
+           "A new fd (yours to close) for the host end of console device `index`.")
+      .def_prop_ro("device_cmdline", &Machine::device_cmdline)
+      .def("restore_phases", &Machine::restore_phases,
+           "Where the last restore's time went: [(phase, its end in seconds after the restore began)], "
+           "then first_exit.<vCPU>. Empty if this machine was not restored.")
+      .def_prop_ro("restore_started", &Machine::restore_started,
+                   "When the restore began (time.monotonic() seconds); 0 if not restored.")
       .def("start", &Machine::start, ReleaseGil(), "Start every vCPU thread.")
       .def(
           "wait", [](Machine& self, double timeout) { return self.wait(seconds(timeout)); }, "timeout"_a,

@@ -56,6 +56,11 @@ class Mapping {
   size_t size() const { return size_; }
   template <class T>
   T* as() const { return static_cast<T*>(addr_); }
+  // Gives up ownership: the range stays mapped.
+  void* release() {
+    size_ = 0;
+    return std::exchange(addr_, nullptr);
+  }
   void reset() {
     if (addr_ != nullptr && addr_ != MAP_FAILED) ::munmap(addr_, size_);
     addr_ = nullptr;

@@ -118,21 +118,41 @@ MemoryWriteStats write_diff_memory(const uint8_t* host, uint64_t size, const std
   return out.commit();
 }
 
-Mapping map_memory_layers(const std::vector<std::string>& layers, uint64_t size) {
+namespace {
+
+// Opens and size-checks every layer first, so a bad layer fails before
+// anything is mapped; then the base MAP_FIXED-or-not, then each diff's data
+// extents over it, oldest first.
+void* map_layers(const std::vector<std::string>& layers, uint64_t size, void* at) {
   if (layers.empty()) throw std::invalid_argument("no memory image to map");
-  UniqueFd base = open_layer(layers[0], size);
-  void* addr = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_NORESERVE, base.get(), 0);
+  std::vector<UniqueFd> fds;
+  fds.reserve(layers.size());
+  for (const std::string& layer : layers) fds.push_back(open_layer(layer, size));
+  int flags = MAP_PRIVATE | MAP_NORESERVE | (at ? MAP_FIXED : 0);
+  void* addr = ::mmap(at, size, PROT_READ | PROT_WRITE, flags, fds[0].get(), 0);
   if (addr == MAP_FAILED) throw HypervisorError::from_errno("mmap(" + layers[0] + ")");
-  Mapping mapping(addr, size);
+  Mapping owned(at ? nullptr : addr, at ? 0 : size);  // unmapped on a throw below, unless the caller owns it
   for (size_t i = 1; i < layers.size(); ++i) {
-    UniqueFd diff = open_layer(layers[i], size);
-    for_each_data_extent(diff.get(), size, [&](uint64_t offset, uint64_t len) {
-      void* at = static_cast<uint8_t*>(addr) + offset;
-      if (::mmap(at, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED | MAP_NORESERVE, diff.get(), offset) == MAP_FAILED)
+    for_each_data_extent(fds[i].get(), size, [&](uint64_t offset, uint64_t len) {
+      void* to = static_cast<uint8_t*>(addr) + offset;
+      if (::mmap(to, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED | MAP_NORESERVE, fds[i].get(), offset) ==
+          MAP_FAILED)
         throw HypervisorError::from_errno("mmap(" + layers[i] + ")");
     });
   }
-  return mapping;
+  owned.release();
+  return addr;
+}
+
+}  // namespace
+
+Mapping map_memory_layers(const std::vector<std::string>& layers, uint64_t size) {
+  return Mapping(map_layers(layers, size, nullptr), size);
+}
+
+void map_memory_layers_over(const std::vector<std::string>& layers, uint64_t size, void* at) {
+  if (at == nullptr) throw std::invalid_argument("map_memory_layers_over: no address");
+  map_layers(layers, size, at);
 }
 
 MemoryWriteStats flatten_memory_layers(const std::vector<std::string>& layers, uint64_t size, const std::string& path) {

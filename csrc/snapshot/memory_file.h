@@ -35,6 +35,10 @@ MemoryWriteStats write_diff_memory(const uint8_t* host, uint64_t size, const std
 // range of `size` bytes. Throws SnapshotCorruptError if a layer's size is not
 // `size` (truncated).
 Mapping map_memory_layers(const std::vector<std::string>& layers, uint64_t size);
+// The same, MAP_FIXED over the `size` bytes at `at` that the caller owns
+// (a prepared machine's RAM, already under its memslot: vm/vm_pool.h).
+// All layers are opened and size-checked before anything is mapped.
+void map_memory_layers_over(const std::vector<std::string>& layers, uint64_t size, void* at);
 
 // Writes the composition of `layers` as one full image (flattening a chain).
 MemoryWriteStats flatten_memory_layers(const std::vector<std::string>& layers, uint64_t size, const std::string& path);

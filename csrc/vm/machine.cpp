@@ -1,8 +1,14 @@
 #include "vm/machine.h"
 
+#include <fcntl.h>
+#include <sys/socket.h>
+
 #include <stdexcept>
 
 #include "common/errors.h"
+#include "devices/virtio_blk.h"
+#include "devices/virtio_console.h"
+#include "devices/virtio_rng.h"
 #include "snapshot/memory_file.h"
 #include "vm/elf.h"
 #include "vm/linux_boot.h"
@@ -30,17 +36,41 @@ std::vector<kvm_cpuid_entry2> cpuid_for(int vcpu) {
 
 }  // namespace
 
-Machine::Machine(MachineConfig config, const std::vector<std::string>& memory_layers)
-    : config_(config), backend_(Kvm::instance().backend()), coordinator_(config.vcpus) {
+void Machine::check_config(const MachineConfig& config) {
   if (config.vcpus < 1 || config.vcpus > x86::kMaxVcpus)
     throw std::invalid_argument("vcpus must be between 1 and " + std::to_string(x86::kMaxVcpus));
   if (config.memory_bytes < (16ull << 20) || config.memory_bytes > kMmioHoleStart)
     throw std::invalid_argument("memory must be between 16 MiB and 3 GiB");
   if (config.memory_bytes % (2ull << 20) != 0) throw std::invalid_argument("memory must be a multiple of 2 MiB");
+}
 
-  memory_ = memory_layers.empty()
-                ? std::make_unique<GuestMemory>(config.memory_bytes)
-                : std::make_unique<GuestMemory>(map_memory_layers(memory_layers, config.memory_bytes));
+namespace {
+GuestMemory memory_for(const MachineConfig& config, const std::vector<std::string>& memory_layers) {
+  if (memory_layers.empty()) return GuestMemory(config.memory_bytes);
+  return GuestMemory(map_memory_layers(memory_layers, config.memory_bytes));
+}
+}  // namespace
+
+Machine::Machine(MachineConfig config, const std::vector<std::string>& memory_layers)
+    : Machine((check_config(config), config), memory_for(config, memory_layers), nullptr) {}
+
+std::unique_ptr<Machine> Machine::prepare(MachineConfig config, const std::vector<std::string>& memory_layers) {
+  check_config(config);
+  GuestMemory memory = memory_layers.empty() ? GuestMemory::reserved(config.memory_bytes)
+                                             : GuestMemory(map_memory_layers(memory_layers, config.memory_bytes));
+  std::unique_ptr<Machine> machine(new Machine(config, std::move(memory), nullptr));
+  std::lock_guard lock(machine->mutex_);
+  machine->spawn_vcpu_threads(true);  // they wait for the restore's first kick
+  return machine;
+}
+
+Machine::Machine(MachineConfig config, GuestMemory memory, PhaseClock* clock)
+    : config_(config),
+      backend_(Kvm::instance().backend()),
+      memory_(std::make_unique<GuestMemory>(std::move(memory))),
+      coordinator_(config.vcpus),
+      first_exit_ns_(config.vcpus) {
+  if (clock) clock->stamp("vm_create");
   if (backend_ == Backend::HardwareKvm) {
     vm_.set_tss_addr(kTssAddr);
     vm_.set_identity_map_addr(kIdentityMapAddr);
@@ -48,12 +78,15 @@ Machine::Machine(MachineConfig config, const std::vector<std::string>& memory_la
   // Memory slots before the irqchip: on PVM a slot added after
   // KVM_CREATE_IRQCHIP costs ~10 ms instead of ~50 us (PVM-HOST-FACTS.md).
   vm_.set_memory_region(0, 0, memory_->size(), memory_->host());
+  if (clock) clock->stamp("memslot");
   vm_.create_irqchip();
+  if (clock) clock->stamp("irqchip");
   for (int i = 0; i < config.vcpus; ++i) {
     auto vcpu = std::make_unique<Vcpu>(vm_.create_vcpu(i), backend_);
     vcpu->kvm().set_cpuid(cpuid_for(i));
     vcpus_.push_back(std::move(vcpu));
   }
+  if (clock) clock->stamp("vcpus_cpuid");
 
   pio_bus_.add(Serial::kBase, 8, &serial_);
   pio_bus_.add(I8042::kDataPort, I8042::kCommandPort - I8042::kDataPort + 1, &i8042_);
@@ -95,7 +128,10 @@ void Machine::load_linux(const std::string& vmlinux, const std::string& initrd, 
   std::lock_guard lock(mutex_);
   check_open();
   if (started_) throw std::logic_error("load_linux() after start()");
-  LinuxBootInfo boot = cellvm::load_linux(*memory_, config_.vcpus, vmlinux, initrd, cmdline);
+  std::string full_cmdline = cmdline;
+  std::string devices = device_cmdline();
+  if (!devices.empty()) full_cmdline += (full_cmdline.empty() ? "" : " ") + devices;
+  LinuxBootInfo boot = cellvm::load_linux(*memory_, config_.vcpus, vmlinux, initrd, full_cmdline);
   KvmVcpu& bsp = vcpus_[0]->kvm();
   bsp.set_sregs(x86::long_mode_sregs(bsp.get_sregs(), 0));
   kvm_regs regs{};
@@ -106,11 +142,57 @@ void Machine::load_linux(const std::string& vmlinux, const std::string& initrd, 
   bsp.set_regs(regs);
 }
 
+int Machine::add_device(const DeviceSpec& spec) {
+  std::lock_guard lock(mutex_);
+  check_open();
+  if (started_) throw std::logic_error("add_device() after start()");
+  constexpr uint64_t kFirstBase = TestDevice::kBase + TestDevice::kSize;
+  constexpr uint32_t kFirstIrq = 5;  // after COM1's 4
+  constexpr size_t kMaxDevices = 16;
+  if (virtio_.size() >= kMaxDevices) throw std::invalid_argument("at most 16 virtio devices");
+  int index = static_cast<int>(virtio_.size());
+  std::unique_ptr<VirtioDevice> device;
+  switch (spec.kind) {
+    case DeviceSpec::Kind::Block: device = std::make_unique<VirtioBlk>(spec.path, spec.read_only); break;
+    case DeviceSpec::Kind::Rng: device = std::make_unique<VirtioRng>(); break;
+    case DeviceSpec::Kind::Console: {
+      int fds[2];
+      if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) < 0) throw HypervisorError::from_errno("socketpair");
+      console_host_ends_[index] = UniqueFd(fds[1]);
+      device = std::make_unique<VirtioConsole>(UniqueFd(fds[0]), loop_);
+      break;
+    }
+  }
+  auto transport = std::make_unique<VirtioTransport>(*this, *memory_, std::move(device),
+                                                     kFirstBase + VirtioTransport::kWindow * index, kFirstIrq + index);
+  mmio_bus_.add(transport->base(), VirtioTransport::kWindow, transport.get());
+  devices_.push_back(transport.get());
+  virtio_.push_back(std::move(transport));
+  return index;
+}
+
+int Machine::console_socket(int index) const {
+  std::lock_guard lock(mutex_);
+  check_open();
+  auto it = console_host_ends_.find(index);
+  if (it == console_host_ends_.end()) throw std::out_of_range("device " + std::to_string(index) + " is not a console");
+  int fd = ::fcntl(it->second.get(), F_DUPFD_CLOEXEC, 0);
+  if (fd < 0) throw HypervisorError::from_errno("dup(console socket)");
+  return fd;
+}
+
+std::string Machine::device_cmdline() const {
+  std::string out;
+  for (const auto& t : virtio_) out += (out.empty() ? "" : " ") + t->cmdline_fragment();
+  return out;
+}
+
 void Machine::start() {
   std::lock_guard lock(mutex_);
   check_open();
   if (started_) throw std::logic_error("the machine is already started");
   started_ = true;
+  loop_.start();
   spawn_vcpu_threads(false);
 }
 
@@ -135,6 +217,7 @@ void Machine::vcpu_thread(int index, bool wait_for_request) {
     if (vcpu.index() == inject_apply_failure_) throw HypervisorError("injected failure applying vCPU state");
     vcpu.apply(state);
   };
+  bool first_exit = wait_for_request;  // a restored vCPU stamps its first exit (restore_phases)
   try {
     while (true) {
       if (coordinator_.has_request()) {
@@ -144,6 +227,11 @@ void Machine::vcpu_thread(int index, bool wait_for_request) {
       bool exited = vcpu.kvm().run();
       __atomic_store_n(&run->immediate_exit, 0, __ATOMIC_SEQ_CST);
       if (!exited) continue;  // kicked: look at the coordinator's request
+      if (first_exit) {
+        first_exit = false;
+        first_exit_ns_[index].store(std::chrono::duration_cast<std::chrono::nanoseconds>(
+            std::chrono::steady_clock::now().time_since_epoch()).count());
+      }
       if (vcpu.handle_exit(*this) == Vcpu::ExitAction::Stop) break;
     }
   } catch (const std::exception& e) {
@@ -225,6 +313,7 @@ void Machine::close() {
   request_stop();
   for (std::thread& t : threads_) t.join();
   threads_.clear();
+  loop_.stop();  // before any device goes: its handlers run on the loop thread
   std::lock_guard lock(mutex_);
   closed_ = true;
 }

@@ -7,8 +7,10 @@
 // the guest exits, faults, or close() stops it. wait() reports which.
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -18,11 +20,13 @@
 
 #include "devices/device.h"
 #include "devices/i8042.h"
+#include "devices/virtio/mmio.h"
 #include "devices/serial.h"
 #include "devices/testdev.h"
 #include "kvm/kvm.h"
 #include "vm/console.h"
 #include "vm/coordinator.h"
+#include "vm/event_loop.h"
 #include "vm/memory.h"
 #include "vm/vcpu.h"
 
@@ -31,6 +35,29 @@ namespace cellvm {
 struct MachineConfig {
   uint64_t memory_bytes = 64ull << 20;
   int vcpus = 1;
+};
+
+// A device to attach before loading the guest (and again, the same list,
+// when restoring a snapshot of that machine).
+struct DeviceSpec {
+  enum class Kind { Console, Block, Rng };
+  Kind kind;
+  std::string path;        // Block: the disk image
+  bool read_only = true;   // Block
+};
+
+// Steady-clock stamps of one restore, by phase, for Machine::restore_phases()
+// (a handful of clock reads, ~25 ns each: cheap enough to keep always on).
+class PhaseClock {
+ public:
+  using Clock = std::chrono::steady_clock;
+  PhaseClock() { stamp("start"); }
+  void stamp(const char* phase) { stamps_.emplace_back(phase, Clock::now()); }
+  Clock::time_point start() const { return stamps_.front().second; }
+  const std::vector<std::pair<const char*, Clock::time_point>>& stamps() const { return stamps_; }
+
+ private:
+  std::vector<std::pair<const char*, Clock::time_point>> stamps_;
 };
 
 struct SnapshotStats {
@@ -46,16 +73,36 @@ class Machine final : public Platform, public VcpuHost {
   // mapped MAP_PRIVATE (see snapshot/memory_file.h) instead of a fresh memfd.
   explicit Machine(MachineConfig config, const std::vector<std::string>& memory_layers = {});
 
+  // A machine prepared ahead of a restore (vm/vm_pool.h): the VM, its
+  // memslot, irqchip, vCPUs with CPUID and devices, with its vCPU threads
+  // started and waiting for the restore. Its RAM is `memory_layers` mapped
+  // MAP_PRIVATE, or, with none, an empty anonymous range the restore maps
+  // the snapshot's images over. restore() takes these from the pool.
+  static std::unique_ptr<Machine> prepare(MachineConfig config, const std::vector<std::string>& memory_layers);
+
   // A running machine continued from a snapshot: state file `state_path`
   // (snapshot/state_file.h), RAM from `memory_layers` (full image, then
   // diffs). Everything is checked before any vCPU runs; every vCPU applies
   // its own state in the coordinator's two-phase rendezvous, then all run.
   static std::unique_ptr<Machine> restore(const std::string& state_path, const std::vector<std::string>& memory_layers,
-                                          std::chrono::nanoseconds deadline, int inject_apply_failure = -1);
+                                          const std::vector<DeviceSpec>& devices, std::chrono::nanoseconds deadline,
+                                          int inject_apply_failure = -1);
+
+  // Attaches a virtio-mmio device (before load_linux, which puts every
+  // device on the kernel command line). Returns its index.
+  int add_device(const DeviceSpec& spec);
+  // A new fd for the host end of console device `index` (the caller owns it).
+  int console_socket(int index) const;
   // Pauses every vCPU, writes state.bin and memory.bin into `dir` (a diff
   // image if this machine was itself restored), then resumes if `resume`.
   SnapshotStats snapshot(const std::string& dir, std::chrono::nanoseconds deadline, bool resume);
   bool memory_restored() const { return memory_->restored(); }
+  // Where the last restore's time went: (phase, its end in seconds after
+  // the restore began), in order; "start" is 0. See machine_snapshot.cpp.
+  // Empty for a machine that was not restored.
+  std::vector<std::pair<std::string, double>> restore_phases() const;
+  // The restore's start on the steady clock (time.monotonic() in Python).
+  double restore_started() const;
   ~Machine() override;
   Machine(const Machine&) = delete;
   Machine& operator=(const Machine&) = delete;
@@ -94,9 +141,12 @@ class Machine final : public Platform, public VcpuHost {
   void console_output(const uint8_t* data, size_t len) override { console_.append(data, len); }
   const Bus& pio_bus() const override { return pio_bus_; }
   const Bus& mmio_bus() const override { return mmio_bus_; }
+  std::string device_cmdline() const;
   void vcpu_fault(GuestFault fault) override;
 
  private:
+  Machine(MachineConfig config, GuestMemory memory, PhaseClock* clock);
+  static void check_config(const MachineConfig& config);
   void vcpu_thread(int index, bool wait_for_request);
   void spawn_vcpu_threads(bool wait_for_request);
   void restore_state(const StateFile& state);  // VM-wide and device state, then threads at the gate
@@ -115,8 +165,16 @@ class Machine final : public Platform, public VcpuHost {
   I8042 i8042_{*this};
   Bus pio_bus_, mmio_bus_;
   std::vector<Device*> devices_;
-  int inject_apply_failure_ = -1;  // tests: this vCPU's apply throws, as a broken state would  // every device, for snapshots (by name)
+  EventLoop loop_;
+  std::vector<std::unique_ptr<VirtioTransport>> virtio_;
+  std::map<int, UniqueFd> console_host_ends_;  // device index -> the host end of its socketpair
+  int inject_apply_failure_ = -1;  // tests: this vCPU's apply throws, as a broken state would
   std::vector<std::thread> threads_;
+  std::optional<PhaseClock> restore_clock_;  // set by restore()
+  // When each vCPU first left KVM_RUN after a restore (the guest's first
+  // exit: for the test guests, its first MMIO write). Written once by that
+  // vCPU's thread.
+  std::vector<std::atomic<int64_t>> first_exit_ns_;
 
   mutable std::mutex mutex_;  // guards everything below
   std::condition_variable stopped_cv_;

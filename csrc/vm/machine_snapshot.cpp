@@ -7,6 +7,7 @@
 #include "snapshot/memory_file.h"
 #include "snapshot/state_file.h"
 #include "vm/machine.h"
+#include "vm/vm_pool.h"
 
 namespace cellvm {
 
@@ -93,9 +94,17 @@ SnapshotStats Machine::snapshot(const std::string& dir, std::chrono::nanoseconds
   return stats;
 }
 
+// Where the time goes is in restore_phases(); BENCHMARKS.md has the figures.
+// With a prepared machine from the pool (vm/vm_pool.h) the VM, memslot,
+// irqchip, vCPUs and threads already exist, and with one prepared for these
+// very images so is the memory mapping: what is left is reading the state,
+// setting it and running.
 std::unique_ptr<Machine> Machine::restore(const std::string& state_path, const std::vector<std::string>& memory_layers,
-                                          std::chrono::nanoseconds deadline, int inject_apply_failure) {
+                                          const std::vector<DeviceSpec>& devices, std::chrono::nanoseconds deadline,
+                                          int inject_apply_failure) {
+  PhaseClock clock;
   StateFile state = StateFile::read(state_path);
+  clock.stamp("state_read");
   BlobReader reader(state.get("machine"), state_path);
   auto record = reader.pod<MachineRecordV1>();
   reader.expect_end();
@@ -113,11 +122,27 @@ std::unique_ptr<Machine> Machine::restore(const std::string& state_path, const s
     if (state.has(vcpu_section(i)))
       targets[i] = VcpuState::deserialize(state.get(vcpu_section(i)), state_path + " " + vcpu_section(i));
   align_tsc(targets);
+  clock.stamp("state_parse");
 
   MachineConfig config{record.memory_bytes, static_cast<int>(record.vcpus)};
-  auto machine = std::make_unique<Machine>(config, memory_layers);
+  check_config(config);
+  VmPool& pool = VmPool::instance();
+  std::unique_ptr<Machine> machine = pool.take({config.memory_bytes, config.vcpus, memory_layers});
+  if (machine) {
+    clock.stamp("pool_take");  // these images, already mapped
+  } else if ((machine = pool.take({config.memory_bytes, config.vcpus, {}}))) {
+    clock.stamp("pool_take");
+    map_memory_layers_over(memory_layers, config.memory_bytes, machine->memory_->host());
+    clock.stamp("memory_map");
+  } else {
+    GuestMemory memory(map_memory_layers(memory_layers, config.memory_bytes));
+    clock.stamp("memory_map");
+    machine.reset(new Machine(config, std::move(memory), &clock));  // stamps vm_create .. vcpus_cpuid
+  }
   machine->inject_apply_failure_ = inject_apply_failure;
+  for (const DeviceSpec& spec : devices) machine->add_device(spec);
   machine->restore_state(state);
+  clock.stamp("vm_state_threads");
   try {
     machine->coordinator_.restore(std::move(targets), deadline);
   } catch (const DeadlineExceeded& e) {
@@ -125,7 +150,28 @@ std::unique_ptr<Machine> Machine::restore(const std::string& state_path, const s
   } catch (const VcpuFailed& e) {
     throw DeadlineError(std::string("restore: ") + e.what(), static_cast<int>(e.vcpu));
   }
+  clock.stamp("vcpu_apply");
+  machine->restore_clock_ = std::move(clock);
   return machine;
+}
+
+std::vector<std::pair<std::string, double>> Machine::restore_phases() const {
+  std::vector<std::pair<std::string, double>> out;
+  if (!restore_clock_) return out;
+  auto since = [&](PhaseClock::Clock::time_point t) {
+    return std::chrono::duration<double>(t - restore_clock_->start()).count();
+  };
+  for (const auto& [phase, when] : restore_clock_->stamps()) out.emplace_back(phase, since(when));
+  for (size_t i = 0; i < first_exit_ns_.size(); ++i)
+    if (int64_t ns = first_exit_ns_[i].load())
+      out.emplace_back("first_exit." + std::to_string(i),
+                       since(PhaseClock::Clock::time_point(std::chrono::nanoseconds(ns))));
+  return out;
+}
+
+double Machine::restore_started() const {
+  if (!restore_clock_) return 0;
+  return std::chrono::duration<double>(restore_clock_->start().time_since_epoch()).count();
 }
 
 void Machine::restore_state(const StateFile& state) {
@@ -141,11 +187,16 @@ void Machine::restore_state(const StateFile& state) {
   clock.expect_end();
   for (Device* device : devices_) {
     std::string name = "device." + device->name();
-    if (state.has(name)) device->restore_state(state.get(name));
+    if (state.has(name)) {
+      device->restore_state(state.get(name));
+    } else if (dynamic_cast<VirtioTransport*>(device)) {
+      throw SnapshotIncompatibleError("snapshot has no state for " + device->name() + ": restore with the same devices");
+    }
   }
   std::lock_guard lock(mutex_);
   started_ = true;
-  spawn_vcpu_threads(true);
+  loop_.start();
+  if (threads_.empty()) spawn_vcpu_threads(true);  // a prepared machine's wait at the gate already
 }
 
 }  // namespace cellvm

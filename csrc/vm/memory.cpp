@@ -18,6 +18,13 @@ GuestMemory::GuestMemory(uint64_t size) {
   map_ = Mapping(addr, size);
 }
 
+GuestMemory GuestMemory::reserved(uint64_t size) {
+  if (size == 0 || size % 4096 != 0) throw std::invalid_argument("guest memory size must be a non-zero multiple of 4 KiB");
+  void* addr = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (addr == MAP_FAILED) throw HypervisorError::from_errno("mmap(reserved guest ram)");
+  return GuestMemory(Mapping(addr, size));
+}
+
 uint8_t* GuestMemory::at(uint64_t gpa, uint64_t len) const {
   if (gpa > size() || len > size() - gpa)
     throw std::out_of_range("guest physical range outside RAM: " + std::to_string(gpa) + "+" + std::to_string(len));

@@ -15,6 +15,9 @@ class GuestMemory {
   explicit GuestMemory(uint64_t size);  // zero-filled, lazily allocated, memfd-backed
   // Restored memory: a MAP_PRIVATE mapping of snapshot images (no memfd).
   explicit GuestMemory(Mapping restored) : map_(std::move(restored)) {}
+  // An empty anonymous range (reads as zero, nothing allocated) for a
+  // machine prepared ahead of a restore, which maps its images over it.
+  static GuestMemory reserved(uint64_t size);
   bool restored() const { return !fd_; }
 
   uint64_t size() const { return map_.size(); }

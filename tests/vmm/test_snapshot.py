@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import struct
 import time
 from pathlib import Path
 
@@ -50,10 +51,10 @@ def snapshot(tmp_path: Path) -> Snapshot:
 
 
 def test_restore_20_times_continues_natively(snapshot: Snapshot) -> None:
-    saved = Machine.restore(snapshot)  # its first count is what the snapshot holds
-    saved.pause()
-    at_snapshot = counters(saved)
-    saved.close()
+    with open(snapshot.path / "memory.bin", "rb") as image:  # the counts as saved
+        image.seek(testguest.RESULTS_GPA)
+        at_snapshot = struct.unpack("<2Q", image.read(16))
+    assert all(at_snapshot)
     for _ in range(20):
         with Machine.restore(snapshot) as clone:
             states = clone.pause()

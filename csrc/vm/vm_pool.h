@@ -1,0 +1,87 @@
+// Machines prepared ahead of restores, so that a restore is only "map the
+// images, set the state, run".
+//
+// Creating a VM for a restore costs KVM_CREATE_VM, the memslot (which grows
+// ~0.5 ms per GiB of guest memory on this host), the irqchip, the vCPUs with
+// their CPUID and the vCPU threads: about 0.6-1.7 ms of a 0.8-1.8 ms restore
+// (PVM-HOST-FACTS.md 8.4, BENCHMARKS.md). None of it depends on the snapshot,
+// only on its shape, so a worker thread builds such machines in advance.
+//
+// A pool entry is keyed by shape (memory size, vCPUs) and optionally by the
+// memory images:
+//   - shape only: RAM is an empty anonymous range under the memslot; the
+//     restore maps the snapshot's images over it with MAP_FIXED (KVM follows
+//     through its MMU notifier).
+//   - shape and images: RAM already is those images mapped MAP_PRIVATE, so
+//     the restore skips the mapping too. Snapshot directories are immutable,
+//     so a path names its content.
+// Machine::restore() takes a machine from the pool when one of the right key
+// is ready (images first, then shape) and builds a new one otherwise, so the
+// pool changes how fast a restore is, never what it does. Every target is 0
+// until someone sets one: by default nothing is built ahead.
+#pragma once
+
+#include <chrono>
+#include <compare>
+#include <condition_variable>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace cellvm {
+
+class Machine;
+
+class VmPool {
+ public:
+  struct Key {
+    uint64_t memory_bytes = 0;
+    int vcpus = 0;
+    std::vector<std::string> layers;  // empty: RAM is mapped at restore time
+    auto operator<=>(const Key&) const = default;
+  };
+  struct Status {
+    Key key;
+    int target = 0;
+    int ready = 0;
+    std::string error;  // why the last build failed (the worker stops building this key)
+  };
+
+  static VmPool& instance();
+
+  // Keep `count` prepared machines of `key` ready; 0 drops the key and its
+  // machines. The worker builds them one at a time in the background.
+  void set_target(const Key& key, int count);
+  // A prepared machine of `key`, or nullptr if none is ready. Never builds
+  // (the worker refills behind it).
+  std::unique_ptr<Machine> take(const Key& key);
+  // Blocks until `key` has `count` ready machines (or its build failed, or
+  // `timeout` passed); returns how many are ready.
+  int wait_ready(const Key& key, int count, std::chrono::nanoseconds timeout);
+  std::vector<Status> status() const;
+  // Every target to 0, every prepared machine closed, the worker stopped.
+  void clear();
+
+ private:
+  VmPool() = default;
+  struct Entry {
+    int target = 0;
+    std::vector<std::unique_ptr<Machine>> ready;
+    std::string error;
+  };
+  void worker();
+  void ensure_worker();  // caller holds mutex_
+
+  mutable std::mutex mutex_;
+  std::condition_variable work_cv_;   // the worker waits for a deficit
+  std::condition_variable ready_cv_;  // wait_ready() waits for machines
+  std::map<Key, Entry> entries_;
+  std::thread worker_;
+  bool stopping_ = false;
+};
+
+}  // namespace cellvm
