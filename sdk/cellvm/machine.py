@@ -13,6 +13,7 @@ use it directly with the test guests.
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,13 +30,36 @@ class Machine:
     def __init__(self, *, memory_mib: int = 64, vcpus: int = 1) -> None:
         self._core = _core.Machine(memory_mib=memory_mib, vcpus=vcpus)
         self._parent: Snapshot | None = None
+        self._devices: list[dict[str, Any]] = []
 
     @classmethod
-    def _wrap(cls, core: _core.Machine, parent: Snapshot | None) -> Machine:
+    def _wrap(cls, core: _core.Machine, parent: Snapshot | None, devices: list[dict[str, Any]]) -> Machine:
         machine = cls.__new__(cls)
         machine._core = core
         machine._parent = parent
+        machine._devices = devices
         return machine
+
+    # ---------------------------------------------------------------- devices
+
+    def add_device(self, kind: str, *, path: str | os.PathLike[str] | None = None, read_only: bool = True) -> int:
+        """Attach a virtio device before load_linux(): "console" (the agent
+        channel; see console_socket), "block" (a disk image at `path`) or
+        "rng". Returns the device's index."""
+        spec: dict[str, Any] = {"kind": kind, "read_only": read_only}
+        if path is not None:
+            spec["path"] = str(path)
+        index = self._core.add_device(spec)
+        self._devices.append(spec)
+        return index
+
+    def console_socket(self, index: int) -> socket.socket:
+        """The host end of console device `index` as a socket (yours to close)."""
+        return socket.socket(fileno=self._core.console_socket(index))
+
+    @property
+    def devices(self) -> list[dict[str, Any]]:
+        return list(self._devices)
 
     # ---------------------------------------------------------------- snapshots
 
@@ -47,7 +71,7 @@ class Machine:
         With no path the snapshot goes to tmpfs. A machine that was itself
         restored writes a diff: only the pages written since, over its parent.
         """
-        snapshot = take(self._core, path, parent=self._parent, resume=resume, timeout=timeout)
+        snapshot = take(self._core, path, parent=self._parent, devices=self._devices, resume=resume, timeout=timeout)
         return snapshot
 
     @classmethod
@@ -57,10 +81,14 @@ class Machine:
         DeadlineExceeded naming the vCPU if one fails to take its state."""
         if not isinstance(snapshot, Snapshot):
             snapshot = Snapshot.open(snapshot)
+        devices = list(snapshot.metadata.get("devices", []))
         core = _core.Machine.restore_snapshot(
-            str(snapshot.path / "state.bin"), [str(p) for p in snapshot.memory_layers()], timeout=timeout
+            str(snapshot.path / "state.bin"),
+            [str(p) for p in snapshot.memory_layers()],
+            devices=devices,
+            timeout=timeout,
         )
-        return cls._wrap(core, snapshot)
+        return cls._wrap(core, snapshot, devices)
 
     def fork(self, n: int, *, timeout: float = 1.0) -> list[Machine]:
         """`n` new machines continuing from this one's current state (which

@@ -172,6 +172,7 @@ def take(
     path: str | os.PathLike[str] | None,
     *,
     parent: Snapshot | None,
+    devices: list[dict[str, Any]],
     resume: bool,
     timeout: float,
 ) -> Snapshot:
@@ -190,6 +191,8 @@ def take(
                 "backend": machine.backend,
                 "vcpus": machine.vcpus,
                 "memory_bytes": machine.memory_size,
+                # Restore attaches the same devices (disk images by path).
+                "devices": devices,
                 "diff": diff,
                 "parent": str(parent.path.resolve()) if diff and parent else None,
                 "created": datetime.now(timezone.utc).isoformat(),
