@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from support.registry import push_test_images, start_registry  # noqa: E402
 
 from cellvm.images import ImageStore, PullReporter, pull  # noqa: E402
-from cellvm.images.pull import unpack_directory  # noqa: E402
+from cellvm.images.build import unpack_directory  # noqa: E402
 from cellvm.images.rootfs import build_rootfs  # noqa: E402
 from cellvm.images.unpack import apply_layers  # noqa: E402
 

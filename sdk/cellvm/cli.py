@@ -44,6 +44,7 @@ class RichPullReporter(PullReporter):
         )
         self.tasks: dict[str, TaskID] = {}
         self.build_task: TaskID | None = None
+        self.build_started = 0.0
 
     def __enter__(self) -> RichPullReporter:
         self.progress.start()
@@ -74,11 +75,14 @@ class RichPullReporter(PullReporter):
         self.progress.update(self._task(digest, size), completed=size, state="cached")
 
     def building(self, fmt: str) -> None:
-        self.build_task = self.progress.add_task(f"rootfs ({fmt})", total=None, state="building")
+        self.build_started = time.monotonic()
+        self.build_task = self.progress.add_task(f"rootfs.{fmt}", total=None, state="unpacking, building")
 
     def done(self, image: Image) -> None:
         if self.build_task is not None:
-            self.progress.update(self.build_task, total=1, completed=1, state="built")
+            self.progress.remove_task(self.build_task)
+            seconds = time.monotonic() - self.build_started
+            self.progress.console.print(f"rootfs.{image.rootfs_format}: {human_size(image.size)}, built in {seconds:.1f} s")
 
 
 def add_pull(commands: argparse._SubParsersAction) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -30,10 +31,8 @@ def erofs_inode(image: Image, path: str) -> dict[str, str]:
     output = subprocess.run([tool, f"--path={path}", str(image.rootfs)], check=True, capture_output=True, text=True).stdout
     fields: dict[str, str] = {}
     for line in output.splitlines():
-        parts = line.replace(":", " : ").split()
-        for index, word in enumerate(parts[:-2]):
-            if parts[index + 1] == ":" and word not in fields:
-                fields[word] = parts[index + 2]
+        for key, value in re.findall(r"([A-Za-z][A-Za-z -]*?):\s+(\S+)", line):
+            fields.setdefault(key.strip(), value)
     return fields
 
 

@@ -12,23 +12,21 @@ from __future__ import annotations
 
 import os
 import shutil
-from pathlib import Path
 
 import anyio
 import anyio.abc
 
 from cellvm.errors import ImageError
-from cellvm.images.config import ImageConfig, image_config_from_json
+from cellvm.images.build import build_image
 from cellvm.images.locks import file_lock
 from cellvm.images.manifest import Descriptor, Platform, host_linux_platform
 from cellvm.images.mirrors import load_mirror_config
 from cellvm.images.progress import PullReporter
 from cellvm.images.reference import parse_reference
 from cellvm.images.registry import RegistryClient, RetryPolicy
-from cellvm.images.rootfs import FORMATS, RootfsFormat, build_rootfs
+from cellvm.images.rootfs import FORMATS, RootfsFormat
 from cellvm.images.sources import ImageSource, RegistrySource, ResolvedManifest, local_source
 from cellvm.images.store import Image, ImageStore
-from cellvm.images.unpack import apply_layers
 
 # Enough parallel layer downloads to fill a link, few enough not to thrash a small registry.
 MAX_PARALLEL_BLOBS = 4
@@ -65,15 +63,15 @@ async def pull(
         reporter.resolved(source.name, resolved.digest)
 
         cached = store.load_image(source.name, resolved.digest, rootfs_format)
+        for digest, raw in resolved.documents.items():
+            if not store.blobs.has(digest):
+                await anyio.to_thread.run_sync(store.blobs.put_bytes, digest, raw)
         if cached is None:
             await _fetch_blobs(store, source, resolved, reporter, retry)
             cached = await _build(store, source.name, resolved, rootfs_format, reporter)
         else:
             for layer in resolved.manifest.layers:
                 reporter.layer_cached(layer.digest, layer.size)
-    for digest, raw in resolved.documents.items():
-        if not store.blobs.has(digest):
-            store.blobs.put_bytes(digest, raw)
     store.record(source.name, resolved.digest, rootfs_format, sorted(resolved.documents))
     reporter.done(cached)
     return cached
@@ -127,7 +125,7 @@ async def _build(
         reporter.building(fmt)
         staging = store.blobs.tmp_dir / f"build-{resolved.digest.split(':')[1]}-{os.getpid()}"
         try:
-            config = await anyio.to_thread.run_sync(_build_blocking, store, resolved, staging, fmt)
+            config = await build_image(store, resolved.digest, staging, fmt)
             store.publish_rootfs(staging, resolved.digest, fmt, config, [d.digest for d in resolved.manifest.layers])
         finally:
             if staging.exists():
@@ -135,58 +133,3 @@ async def _build(
     image = store.load_image(name, resolved.digest, fmt)
     assert image is not None
     return image
-
-
-def _build_blocking(store: ImageStore, resolved: ResolvedManifest, staging: Path, fmt: RootfsFormat) -> ImageConfig:
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
-    layers = resolved.manifest.layers
-    tree = unpack_directory(store, sum(layer.size for layer in layers), resolved.digest)
-    try:
-        apply_layers(tree, [store.blobs.path(layer.digest) for layer in layers])
-        config = image_config_from_json(store.blobs.read_bytes(resolved.manifest.config.digest), tree)
-        build_rootfs(tree, staging / f"rootfs.{fmt}", fmt)
-    finally:
-        shutil.rmtree(tree, ignore_errors=True)
-    return config
-
-
-UNPACK_PREFIX = "cellvm-unpack-"
-
-
-def unpack_directory(store: ImageStore, compressed_size: int, digest: str) -> Path:
-    """A fresh directory to unpack into, on tmpfs when it has room.
-
-    The tree is scratch (mkfs reads it once, then it is deleted), and creating
-    thousands of small files is several times faster on tmpfs than on disk.
-    Room means about six times the compressed layers (the usual expansion of
-    a gzip'd root filesystem, with margin); CELLVM_UNPACK_DIR overrides.
-    """
-    parent = Path(os.environ.get("CELLVM_UNPACK_DIR") or store.blobs.tmp_dir)
-    shm = Path("/dev/shm")
-    if "CELLVM_UNPACK_DIR" not in os.environ and shm.is_dir() and os.access(shm, os.W_OK):
-        free = shutil.disk_usage(shm).free
-        if compressed_size * 6 + (256 << 20) < free and compressed_size < (2 << 30):
-            parent = shm
-    parent.mkdir(parents=True, exist_ok=True)
-    _remove_abandoned_trees(parent)
-    tree = parent / f"{UNPACK_PREFIX}{digest.split(':')[1][:16]}-{os.getpid()}"
-    if tree.exists():
-        shutil.rmtree(tree)
-    tree.mkdir()
-    return tree
-
-
-def _remove_abandoned_trees(parent: Path) -> None:
-    """Trees whose process died (a killed pull) would hold tmpfs memory forever: drop them."""
-    for tree in parent.glob(f"{UNPACK_PREFIX}*-*"):
-        pid = tree.name.rsplit("-", 1)[1]
-        if not pid.isdigit():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            shutil.rmtree(tree, ignore_errors=True)
-        except PermissionError:
-            pass  # someone else's live process
