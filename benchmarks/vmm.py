@@ -8,7 +8,10 @@ One run measures, for cellvm (``cellvm._core``) and for benchmarks/floor/floor.c
   Python around the call, against the same steps timed inside the C program
   (CREATE_VM, memfd RAM, memslot, irqchip, vCPU + kvm_run mmap, SET_CPUID2).
   The Python figure includes the Python -> nanobind call, so the table also
-  shows it minus the measured cost of a no-op GIL-releasing ``_core`` call.
+  shows cellvm's creation at the syscall layer: an LD_PRELOAD helper
+  (floor/ioctl_span.c) timestamps its ioctls and memfd_create, and the span
+  runs from the first memfd_create/KVM_CREATE_VM to the end of the last
+  KVM_SET_CPUID2, the same span floor.c times around its own steps.
   /dev/kvm and KVM_GET_SUPPORTED_CPUID are opened/read once per process on
   both sides (cellvm: Kvm::instance()); a separate row times the first
   creation in a fresh process, which includes them, and an (info) row times
@@ -53,6 +56,7 @@ from cellvm.testguest import Mode, read_results
 GOAL = 1.2
 HERE = Path(__file__).resolve().parent
 FLOOR_SRC = HERE / "floor" / "floor.c"
+SPAN_SRC = HERE / "floor" / "ioctl_span.c"
 
 
 def cache_dir() -> Path:
@@ -75,23 +79,32 @@ def cellvm_build() -> str:
     return f"{head}{' + uncommitted csrc/ changes' if dirty else ''} (extension built {built} UTC)"
 
 
-def build_floor(library: bool = False) -> Path:
-    """Compile floor.c with cc -O2 into the cache (the program, or with
-    library=True the -DFLOOR_LIB shared object), keyed by its source and the
-    compiler: a changed floor.c or compiler gives a new file."""
+def build_c(src: Path, suffix: str = "", flags: tuple[str, ...] = ()) -> Path:
+    """Compile `src` with cc -O2 into the cache, named by a hash of the source,
+    the flags and the compiler: a changed source or compiler gives a new file."""
     cc = os.environ.get("CC", "cc")
     if shutil.which(cc) is None:
-        sys.exit(f"vmm.py: no C compiler ({cc}) to build {FLOOR_SRC}")
+        sys.exit(f"vmm.py: no C compiler ({cc}) to build {src}")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256(FLOOR_SRC.read_bytes() + version.encode()).hexdigest()[:16]
-    out = cache_dir() / (f"floor-{key}.so" if library else f"floor-{key}")
+    key = hashlib.sha256(src.read_bytes() + " ".join(flags).encode() + version.encode()).hexdigest()[:16]
+    out = cache_dir() / f"{src.stem}-{key}{suffix}"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
-        flags = ["-DFLOOR_LIB", "-shared", "-fPIC", "-Wno-unused"] if library else []
-        subprocess.run([cc, "-O2", "-Wall", *flags, "-o", str(tmp), str(FLOOR_SRC)], check=True)
+        subprocess.run([cc, "-O2", "-Wall", *flags, "-o", str(tmp), str(src)], check=True)
         tmp.replace(out)
     return out
+
+
+def build_floor(library: bool = False) -> Path:
+    """floor.c as a program, or (library=True) as the -DFLOOR_LIB shared object."""
+    if library:
+        return build_c(FLOOR_SRC, ".so", ("-DFLOOR_LIB", "-shared", "-fPIC", "-Wno-unused"))
+    return build_c(FLOOR_SRC)
+
+
+def build_span_shim() -> Path:
+    return build_c(SPAN_SRC, ".so", ("-shared", "-fPIC", "-ldl"))
 
 
 class InProcessFloor:
@@ -119,6 +132,7 @@ class Side:
     """Every sample of one side (cellvm or floor); per-repetition lists."""
 
     create_ns: list[list[float]] = field(default_factory=list)  # per repetition: every creation
+    create_span_ns: list[list[float]] = field(default_factory=list)  # cellvm: syscall span (ioctl_span.c)
     create_inproc_ns: list[list[float]] = field(default_factory=list)  # floor code inside cellvm's process
     cold_ns: list[float] = field(default_factory=list)  # the first Machine of a fresh process
     destroy_ns: list[list[float]] = field(default_factory=list)  # per repetition: teardown right after creation
@@ -166,6 +180,31 @@ def cellvm_guest_run(mode: Mode, iterations: int) -> tuple[_core.Machine, float,
     return m, wall, m.vcpu_stats(0)
 
 
+# Run with LD_PRELOAD=ioctl_span.so: each creation's span from the first
+# memfd_create/KVM_CREATE_VM to the end of the last KVM_SET_CPUID2.
+SPAN = """
+import ctypes, json, sys
+from cellvm import _core
+lib = ctypes.CDLL(None)
+class Rec(ctypes.Structure):
+    _fields_ = [("what", ctypes.c_ulong), ("t0", ctypes.c_uint64), ("t1", ctypes.c_uint64)]
+recs = (Rec * 65536).in_dll(lib, "span_recs")
+count = ctypes.c_int.in_dll(lib, "span_n")
+KVM_CREATE_VM, KVM_SET_CPUID2, MEMFD = 0xae01, 0x4008ae90, 1
+_core.Machine(memory_mib=64, vcpus=1).close()
+spans = []
+for _ in range(int(sys.argv[1])):
+    start = count.value
+    m = _core.Machine(memory_mib=64, vcpus=1)
+    rs = [recs[i] for i in range(start, count.value)]
+    first = min(r.t0 for r in rs if r.what in (KVM_CREATE_VM, MEMFD))
+    last = max(r.t1 for r in rs if r.what == KVM_SET_CPUID2)
+    spans.append(last - first)
+    m.close()
+    del m
+print(json.dumps(spans))
+"""
+
 COLD = """
 import time
 from cellvm import _core
@@ -176,11 +215,14 @@ m.close()
 """
 
 
-def run_cellvm(cfg: Config, side: Side, inproc: InProcessFloor, floor: Side) -> None:
+def run_cellvm(cfg: Config, side: Side, inproc: InProcessFloor, floor: Side, shim: Path) -> None:
     # Cold: the first Machine() of a process also opens /dev/kvm and reads
     # the host-wide tables (Kvm::instance()); the import is not timed.
     cold = subprocess.run([sys.executable, "-c", COLD], check=True, capture_output=True, text=True)
     side.cold_ns.append(float(cold.stdout))
+    span = subprocess.run([sys.executable, "-c", SPAN, str(cfg.creates)], check=True, capture_output=True,
+                          text=True, env={**os.environ, "LD_PRELOAD": str(shim)})
+    side.create_span_ns.append(json.loads(span.stdout))
 
     _core.Machine(memory_mib=64, vcpus=1).close()  # warm-up (the floor also discards one)
     inproc.create_once()
@@ -267,7 +309,7 @@ def report(cfg: Config, cellvm: Side, floor: Side) -> list[dict]:
     per_rep = lambda reps, shift=0.0: [med(r) - shift for r in reps]  # noqa: E731
     rows = [
         ("VM+vCPU creation, Python call around Machine()", per_rep(cellvm.create_ns), per_rep(floor.create_ns), True),
-        ("VM+vCPU creation, minus no-op _core call", per_rep(cellvm.create_ns, overhead), per_rep(floor.create_ns),
+        ("VM+vCPU creation, syscall span (LD_PRELOAD)", per_rep(cellvm.create_span_ns), per_rep(floor.create_ns),
          True),
         ("VM+vCPU creation, floor code in cellvm's process", per_rep(cellvm.create_ns),
          per_rep(floor.create_inproc_ns), True),
@@ -338,6 +380,7 @@ def main() -> int:
         return 0
     binary = build_floor()
     inproc = InProcessFloor()
+    shim = build_span_shim()
     load = os.getloadavg()
     print(f"cellvm VMM vs raw-ioctl floor: backend {backend}, {os.cpu_count()} CPUs, "
           f"load {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f}, {os.uname().release}")
@@ -349,7 +392,7 @@ def main() -> int:
     cellvm, floor = Side(), Side()
     started = time.monotonic()
     for rep in range(cfg.reps):
-        order = [("cellvm", lambda: run_cellvm(cfg, cellvm, inproc, floor)),
+        order = [("cellvm", lambda: run_cellvm(cfg, cellvm, inproc, floor, shim)),
                  ("floor", lambda: run_floor(binary, cfg, floor))]
         if rep % 2:
             order.reverse()
