@@ -6,6 +6,8 @@
  *
  * Parameters (u64 words at 0x5000):
  *   [0] mode  [1] vCPUs  [2] a  [3] b  [4] unused  [5] PVM native flags (0: stay emulated)
+ * MODE_MARKS and MODE_DIRTY read `a` again while they run (volatile), so the
+ * host can change it in a paused or restored machine.
  * Results (u64 words at 0x6000): see the RESULT_* offsets below; the host
  * side mirror is tests/support/testguest.py.
  */
@@ -14,7 +16,8 @@ typedef unsigned int u32;
 typedef unsigned short u16;
 typedef unsigned char u8;
 
-enum { MODE_COUNTER = 1, MODE_SYSCALLS = 2, MODE_MMIO_LOOP = 3, MODE_FAULT = 4 };
+enum { MODE_COUNTER = 1, MODE_SYSCALLS = 2, MODE_MMIO_LOOP = 3, MODE_FAULT = 4, MODE_MARKS = 5, MODE_DIRTY = 6,
+       MODE_VIRTIO_RNG = 7 };
 enum { FAULT_TRIPLE_NATIVE = 1, FAULT_BAD_INT_NATIVE = 2, FAULT_TRIPLE_EMULATED = 3 };
 
 #define PARAMS ((volatile u64 *)0x5000)
@@ -32,9 +35,11 @@ enum { FAULT_TRIPLE_NATIVE = 1, FAULT_BAD_INT_NATIVE = 2, FAULT_TRIPLE_EMULATED 
 #define RESULT_KERNEL_CS_IN_SYSCALL RESULT(0x0b8)
 #define RESULT_EXCEPTION_VECTOR RESULT(0x0c0)
 #define RESULT_EXCEPTION_RIP RESULT(0x0c8)
+#define RESULT_VIRTIO ((volatile u64 *)(RESULTS + 0x0d0)) /* 3 words, see virtio_rng.c */
 
 #define TESTDEV 0xd0000000ul
 #define TESTDEV_EXIT 0x008
+#define TESTDEV_MARK 0x010
 #define TESTDEV_SINK 0x018
 #define TESTDEV_REPORT(i) (0x100 + 8 * (i))
 
@@ -54,6 +59,7 @@ enum { FAULT_TRIPLE_NATIVE = 1, FAULT_BAD_INT_NATIVE = 2, FAULT_TRIPLE_EMULATED 
 #define SYS_EXIT 60
 
 extern char syscall_entry[], exception_stubs[];
+void virtio_rng_request(u64 variant, volatile u64 *out);
 
 static inline void mmio_write(u64 offset, u64 value) { *(volatile u64 *)(TESTDEV + offset) = value; }
 
@@ -198,6 +204,47 @@ static void run_mmio_loop(u64 iterations, int native) {
 	guest_exit(0, native);
 }
 
+/* ------------------------------------------------------ snapshot benchmarks */
+
+/*
+ * MODE_MARKS (vCPU 0; the others halt): spin `every` iterations touching no
+ * memory, write mark n (n = 1, 2, ...), again. It halts for good after mark
+ * n = PARAMS[2] (0: never), re-read at every mark: a host that pauses the
+ * machine after mark k and sets it to k + 1 gets restored copies that each
+ * write exactly one mark (k + 1) and then sleep.
+ */
+static void run_marks(u64 every, int native) {
+	if (every == 0)
+		every = 4096;
+	for (u64 n = 1;; n++) {
+		for (u64 i = 0; i < every; i++)
+			__asm__ volatile("" ::: "memory");
+		mmio_write(TESTDEV_MARK, n);
+		if (PARAMS[2] != 0 && n >= PARAMS[2])
+			halt_forever(native);
+	}
+}
+
+/*
+ * MODE_DIRTY (vCPU 0; the others halt): mark 0 once waiting, then wait for
+ * PARAMS[2] = N != 0, write one word into each 4 KiB page of the N MiB from
+ * DIRTY_BASE, clear PARAMS[2], write mark N and halt. The host snapshots
+ * the waiting guest, restores it, sets N and times the diff snapshot.
+ */
+#define DIRTY_BASE 0x1000000ul
+static void run_dirty(int native) {
+	u64 mib;
+	mmio_write(TESTDEV_MARK, 0);
+	while ((mib = PARAMS[2]) == 0)
+		__asm__ volatile("pause");
+	u64 stamp = rdtsc();
+	for (u64 off = 0; off < (mib << 20); off += 4096)
+		*(volatile u64 *)(DIRTY_BASE + off) = stamp + off;
+	PARAMS[2] = 0;
+	mmio_write(TESTDEV_MARK, mib);
+	halt_forever(native);
+}
+
 static void run_fault(u64 kind) {
 	console_print("testguest: faulting on purpose\n");
 	switch (kind) {
@@ -237,6 +284,20 @@ void __attribute__((noreturn)) guest_main(u64 vcpu, volatile u64 *params) {
 	case MODE_FAULT:
 		if (vcpu == 0)
 			run_fault(a);
+		break;
+	case MODE_MARKS:
+		if (vcpu == 0)
+			run_marks(b, native);
+		break;
+	case MODE_DIRTY:
+		if (vcpu == 0)
+			run_dirty(native);
+		break;
+	case MODE_VIRTIO_RNG:
+		if (vcpu == 0) {
+			virtio_rng_request(a, RESULT_VIRTIO);
+			guest_exit(0, native);
+		}
 		break;
 	default:
 		if (vcpu == 0)

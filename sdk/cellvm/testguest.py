@@ -19,6 +19,11 @@ from cellvm import _core
 PVM_NATIVE_FLAGS = 0x0F
 
 RESULTS_GPA = 0x6000
+PARAMS_GPA = 0x5000
+#: The word MARKS and DIRTY re-read while they run (parameter `a`).
+PARAM_A_GPA = PARAMS_GPA + 2 * 8
+#: MODE_DIRTY writes one word into each 4 KiB page from here.
+DIRTY_BASE = 0x1000000
 
 
 class Mode(enum.IntEnum):
@@ -26,6 +31,15 @@ class Mode(enum.IntEnum):
     SYSCALLS = 2  # a=iterations of null hypercalls and of user syscalls
     MMIO_LOOP = 3  # a=iterations of MMIO stores to the test device's sink
     FAULT = 4  # a=Fault
+    MARKS = 5  # a=halt after mark number a (0: never; re-read at every mark), b=spins between marks
+    DIRTY = 6  # mark 0, wait for a=N MiB (set by the host), dirty N MiB from DIRTY_BASE, mark N, halt
+    VIRTIO_RNG = 7  # drive the virtio-rng at the first device window; a=VirtioVariant
+
+
+class VirtioVariant(enum.IntEnum):
+    OK = 0  # one 64-byte request
+    LOOP = 1  # a descriptor chain that loops onto itself
+    OUTSIDE_RAM = 2  # a buffer address beyond guest memory
 
 
 class Fault(enum.IntEnum):
