@@ -9,6 +9,7 @@ handle:
     │   ├── GuestCrashed        triple fault, emulation failure, unexpected exit
     │   └── BootFailed          the guest never reached its ready point
     ├── DeadlineExceeded        a vCPU or the guest missed a deadline
+    │   └── ExecTimeout         a command ran past its timeout and was killed
     ├── MachineClosed           the machine was used after close()
     ├── SnapshotError
     │   ├── SnapshotCorrupt     truncated, bad checksum, unreadable
@@ -20,6 +21,13 @@ handle:
         ├── AuthenticationError the registry refused our credentials
         ├── DigestMismatch      downloaded content does not match its digest
         └── UnsafeLayer         a layer entry would write outside the root filesystem
+    └── AgentError              the guest agent refused or failed a request
+        ├── ProtocolError       a malformed frame or message (either side)
+        ├── AgentDisconnected   the channel to the agent closed
+        ├── CommandNotFound     the program to run does not exist (or is not in PATH)
+        ├── ExecFailed          the command could not start: permission, cwd, user
+        └── GuestFileError      a file operation in the guest failed
+            └── GuestFileNotFound  the path does not exist
 
 Errors from the C++ core carry what is known when they happen: the exit
 reason, the vCPU, its registers and the tail of the guest console.
@@ -134,3 +142,51 @@ class DigestMismatch(ImageError):
 class UnsafeLayer(ImageError):
     """A layer entry would escape the root filesystem (``..``, an absolute path,
     or a write through a symlink that leads out); nothing outside was touched."""
+
+
+class ExecTimeout(DeadlineExceeded):
+    """A command ran past its timeout; the agent killed its process group.
+    ``result`` holds what it wrote until then (an ``ExecResult``)."""
+
+    def __init__(self, message: str, *, result: Any = None) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+class AgentError(CellvmError):
+    """The guest agent refused or failed a request.
+
+    Attributes:
+        code: the agent's error code name ("permission", "not-found", ...).
+        errno: the guest errno behind it, 0 if none.
+    """
+
+    def __init__(self, message: str, *, code: str = "", errno: int = 0) -> None:
+        super().__init__(message)
+        self.code = code
+        self.errno = errno
+
+
+class ProtocolError(AgentError):
+    """A frame or message was malformed or unexpected (sent by us or by the agent)."""
+
+
+class AgentDisconnected(AgentError):
+    """The channel to the agent closed (the VM stopped, or the agent process ended)."""
+
+
+class CommandNotFound(AgentError):
+    """The program to run does not exist, or is not in the command's PATH."""
+
+
+class ExecFailed(AgentError):
+    """The command could not be started: permission denied, a working directory
+    that cannot be entered, an unknown user, or an unexecutable file."""
+
+
+class GuestFileError(AgentError):
+    """A file operation in the guest failed; ``code`` says why."""
+
+
+class GuestFileNotFound(GuestFileError):
+    """The path does not exist in the guest."""
