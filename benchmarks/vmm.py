@@ -190,16 +190,19 @@ class Rec(ctypes.Structure):
     _fields_ = [("what", ctypes.c_ulong), ("t0", ctypes.c_uint64), ("t1", ctypes.c_uint64)]
 recs = (Rec * 65536).in_dll(lib, "span_recs")
 count = ctypes.c_int.in_dll(lib, "span_n")
+lib.span_now.restype = ctypes.c_uint64
 KVM_CREATE_VM, KVM_SET_CPUID2, MEMFD = 0xae01, 0x4008ae90, 1
 _core.Machine(memory_mib=64, vcpus=1).close()
 spans = []
 for _ in range(int(sys.argv[1])):
     start = count.value
+    t0 = lib.span_now()
     m = _core.Machine(memory_mib=64, vcpus=1)
+    t1 = lib.span_now()
     rs = [recs[i] for i in range(start, count.value)]
     first = min(r.t0 for r in rs if r.what in (KVM_CREATE_VM, MEMFD))
     last = max(r.t1 for r in rs if r.what == KVM_SET_CPUID2)
-    spans.append(last - first)
+    spans.append([last - first, first - t0, t1 - last])  # span, Python call -> first syscall, last -> return
     m.close()
     del m
 print(json.dumps(spans))
@@ -222,7 +225,10 @@ def run_cellvm(cfg: Config, side: Side, inproc: InProcessFloor, floor: Side, shi
     side.cold_ns.append(float(cold.stdout))
     span = subprocess.run([sys.executable, "-c", SPAN, str(cfg.creates)], check=True, capture_output=True,
                           text=True, env={**os.environ, "LD_PRELOAD": str(shim)})
-    side.create_span_ns.append(json.loads(span.stdout))
+    spans = json.loads(span.stdout)
+    side.create_span_ns.append([x[0] for x in spans])
+    side.add_extra("before_span_ns", statistics.median(x[1] for x in spans))
+    side.add_extra("after_span_ns", statistics.median(x[2] for x in spans))
 
     _core.Machine(memory_mib=64, vcpus=1).close()  # warm-up (the floor also discards one)
     inproc.create_once()
@@ -341,6 +347,9 @@ def report(cfg: Config, cellvm: Side, floor: Side) -> list[dict]:
     print()
     print(f"no-op _core call (GIL released): {fmt_us(overhead)}; floor open(/dev/kvm) + KVM_GET_SUPPORTED_CPUID: "
           f"{fmt_us(med(floor.extra['open_ns']))} (once per process on both sides: only in the cold row)")
+    print(f"cellvm Machine() outside the syscall span (same process): Python call -> first syscall "
+          f"{fmt_us(med(cellvm.extra['before_span_ns']))}, last syscall -> back in Python "
+          f"{fmt_us(med(cellvm.extra['after_span_ns']))}")
     steps = {k[5:-3]: med(v) for k, v in floor.extra.items() if k.startswith("step_")}
     print("floor creation steps (medians): " + ", ".join(f"{k} {fmt_us(v)}" for k, v in steps.items()))
     print(f"KVM exits (binary stats) per MMIO_LOOP run: cellvm {int(med(cellvm.mmio_kvm_exits))}, "
