@@ -34,6 +34,11 @@ std::vector<kvm_cpuid_entry2> cpuid_for(int vcpu) {
   return entries;
 }
 
+int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
 }  // namespace
 
 void Machine::check_config(const MachineConfig& config) {
@@ -69,7 +74,7 @@ Machine::Machine(MachineConfig config, GuestMemory memory, PhaseClock* clock)
       backend_(Kvm::instance().backend()),
       memory_(std::make_unique<GuestMemory>(std::move(memory))),
       coordinator_(config.vcpus),
-      first_exit_ns_(config.vcpus) {
+      vcpu_stamps_(config.vcpus) {
   if (clock) clock->stamp("vm_create");
   if (backend_ == Backend::HardwareKvm) {
     vm_.set_tss_addr(kTssAddr);
@@ -210,12 +215,16 @@ void Machine::vcpu_thread(int index, bool wait_for_request) {
   coordinator_.attach(index);
   // A restored machine's threads must not enter the guest before the
   // restore request has reached them: they wait for its first kick.
-  if (wait_for_request) vcpu.wait_for_kick();
+  if (wait_for_request) {
+    vcpu.wait_for_kick();
+    vcpu_stamps_[index].woke.store(now_ns());
+  }
   kvm_run* run = vcpu.kvm().run_area();
   auto capture = [&vcpu] { return vcpu.capture(); };
   auto apply = [this, &vcpu](const VcpuState& state) {
     if (vcpu.index() == inject_apply_failure_) throw HypervisorError("injected failure applying vCPU state");
     vcpu.apply(state);
+    vcpu_stamps_[vcpu.index()].applied.store(now_ns());
   };
   bool first_exit = wait_for_request;  // a restored vCPU stamps its first exit (restore_phases)
   try {
@@ -229,8 +238,7 @@ void Machine::vcpu_thread(int index, bool wait_for_request) {
       if (!exited) continue;  // kicked: look at the coordinator's request
       if (first_exit) {
         first_exit = false;
-        first_exit_ns_[index].store(std::chrono::duration_cast<std::chrono::nanoseconds>(
-            std::chrono::steady_clock::now().time_since_epoch()).count());
+        vcpu_stamps_[index].first_exit.store(now_ns());
       }
       if (vcpu.handle_exit(*this) == Vcpu::ExitAction::Stop) break;
     }

@@ -171,10 +171,13 @@ class Machine final : public Platform, public VcpuHost {
   int inject_apply_failure_ = -1;  // tests: this vCPU's apply throws, as a broken state would
   std::vector<std::thread> threads_;
   std::optional<PhaseClock> restore_clock_;  // set by restore()
-  // When each vCPU first left KVM_RUN after a restore (the guest's first
-  // exit: for the test guests, its first MMIO write). Written once by that
-  // vCPU's thread.
-  std::vector<std::atomic<int64_t>> first_exit_ns_;
+  // Each vCPU's own restore stamps (steady-clock ns), written once by its
+  // thread: woken by the restore, state applied, first exit from KVM_RUN
+  // (for the test guests: their first MMIO write).
+  struct VcpuRestoreStamps {
+    std::atomic<int64_t> woke{0}, applied{0}, first_exit{0};
+  };
+  std::vector<VcpuRestoreStamps> vcpu_stamps_;
 
   mutable std::mutex mutex_;  // guards everything below
   std::condition_variable stopped_cv_;

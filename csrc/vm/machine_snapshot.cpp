@@ -162,10 +162,14 @@ std::vector<std::pair<std::string, double>> Machine::restore_phases() const {
     return std::chrono::duration<double>(t - restore_clock_->start()).count();
   };
   for (const auto& [phase, when] : restore_clock_->stamps()) out.emplace_back(phase, since(when));
-  for (size_t i = 0; i < first_exit_ns_.size(); ++i)
-    if (int64_t ns = first_exit_ns_[i].load())
-      out.emplace_back("first_exit." + std::to_string(i),
-                       since(PhaseClock::Clock::time_point(std::chrono::nanoseconds(ns))));
+  auto add = [&](const char* what, size_t vcpu, int64_t ns) {
+    if (ns) out.emplace_back(what + std::to_string(vcpu), since(PhaseClock::Clock::time_point(std::chrono::nanoseconds(ns))));
+  };
+  for (size_t i = 0; i < vcpu_stamps_.size(); ++i) {
+    add("vcpu_woke.", i, vcpu_stamps_[i].woke.load());
+    add("vcpu_applied.", i, vcpu_stamps_[i].applied.load());
+    add("first_exit.", i, vcpu_stamps_[i].first_exit.load());
+  }
   return out;
 }
 

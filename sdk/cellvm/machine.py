@@ -12,6 +12,7 @@ use it directly with the test guests.
 
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 from collections.abc import Sequence
@@ -20,7 +21,12 @@ from typing import Any
 import anyio
 
 from cellvm import _core
+from cellvm.errors import HypervisorError
 from cellvm.snapshot import Snapshot, take
+
+# Prepared machines (see Machine.prepare_restores) own threads: close them
+# while the interpreter is still whole.
+atexit.register(_core.vm_pool_clear)
 
 
 class Machine:
@@ -89,6 +95,40 @@ class Machine:
             timeout=timeout,
         )
         return cls._wrap(core, snapshot, devices)
+
+    @staticmethod
+    def _pool_key(snapshot: Snapshot | str | os.PathLike[str], premap: bool) -> tuple[int, int, list[str]]:
+        if not isinstance(snapshot, Snapshot):
+            snapshot = Snapshot.open(snapshot)
+        layers = [str(p) for p in snapshot.memory_layers()] if premap else []
+        return snapshot.memory_bytes >> 20, snapshot.vcpus, layers
+
+    @classmethod
+    def prepare_restores(cls, snapshot: Snapshot | str | os.PathLike[str], count: int, *, premap: bool = True) -> None:
+        """Keep `count` machines prepared for restores of `snapshot`: a
+        background thread creates the VM, memslot, irqchip, vCPUs (CPUID) and
+        vCPU threads ahead of time, so `restore` only maps memory, sets state
+        and runs; it uses them automatically and the thread refills behind it.
+        premap=True: the snapshot's memory is mapped ahead too (for restores of
+        this snapshot only); premap=False: for any snapshot of its shape
+        (memory size, vCPUs). 0 drops them. Each costs a VM's kernel memory
+        and idle threads while it waits."""
+        mib, vcpus, layers = cls._pool_key(snapshot, premap)
+        _core.vm_pool_set_target(mib, vcpus, layers, count)
+
+    @classmethod
+    def wait_prepared(
+        cls, snapshot: Snapshot | str | os.PathLike[str], count: int, *, premap: bool = True, timeout: float = 10.0
+    ) -> int:
+        """Block until `count` prepared machines (see prepare_restores) are
+        ready or `timeout` seconds passed; returns how many are. Raises
+        HypervisorError if building them failed."""
+        mib, vcpus, layers = cls._pool_key(snapshot, premap)
+        ready = _core.vm_pool_wait(mib, vcpus, layers, count, timeout)
+        for entry in _core.vm_pool_status():
+            if (entry["memory_mib"], entry["vcpus"], entry["layers"]) == (mib, vcpus, layers) and entry["error"]:
+                raise HypervisorError(f"preparing machines for restores failed: {entry['error']}")
+        return ready
 
     def fork(self, n: int, *, timeout: float = 1.0) -> list[Machine]:
         """`n` new machines continuing from this one's current state (which
