@@ -30,14 +30,17 @@ struct regs {
 
 static enum width widest(void)
 {
-	unsigned a, b, c, d;
-	if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & bit_OSXSAVE) || !(c & bit_AVX))
+	unsigned a, b, c1 = 0, c, d, b7 = 0, lo = 0, hi;
+	__get_cpuid(1, &a, &b, &c1, &d);
+	__get_cpuid_count(7, 0, &a, &b7, &c, &d);
+	if (c1 & bit_OSXSAVE)
+		__asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+	result("cpuid_1_ecx", "\"%#x\"", c1);
+	result("cpuid_7_ebx", "\"%#x\"", b7);
+	result("xcr0", "\"%#x\"", lo);
+	if (!(c1 & bit_OSXSAVE) || !(c1 & bit_AVX) || (lo & 0x6) != 0x6)
 		return XMM;
-	unsigned lo, hi;
-	__asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
-	if ((lo & 0x6) != 0x6)
-		return XMM;
-	if (__get_cpuid_count(7, 0, &a, &b, &c, &d) && (b & bit_AVX512F) && (lo & 0xe6) == 0xe6)
+	if ((b7 & bit_AVX512F) && (lo & 0xe6) == 0xe6)
 		return ZMM;
 	return YMM;
 }
