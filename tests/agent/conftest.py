@@ -1,0 +1,112 @@
+"""Fixtures for the agent tests: the agent binary (built by its stage script)
+running as a host process on one end of a socketpair, and an AgentClient on
+the other end, under asyncio and trio."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import anyio
+import pytest
+from anyio.abc import SocketStream
+
+from cellvm.agent import AgentClient
+
+REPO = Path(__file__).resolve().parents[2]
+STAGE = REPO / "scripts" / "stages" / "25-agent.sh"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("CELLVM_CACHE", Path.home() / ".cache" / "cellvm"))
+
+
+@pytest.fixture(scope="session")
+def agent_binary() -> Path:
+    """Runs the stage script (a no-op when the cached build matches the
+    sources), so the tests always exercise the current C code."""
+    proc = subprocess.run([str(STAGE)], capture_output=True, text=True, env={**os.environ, "REPO": str(REPO)})
+    binary = cache_dir() / "agent" / "cellvm-agent"
+    if proc.returncode != 0 or not binary.exists():
+        pytest.fail(
+            f"building the agent with {STAGE} failed (exit {proc.returncode}); "
+            f"no binary at {binary}\n{proc.stderr[-4000:]}"
+        )
+    return binary
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+class AgentProcess:
+    """The agent running on the host, with its log for failure messages."""
+
+    def __init__(self, process: anyio.abc.Process, log_path: Path) -> None:
+        self.process = process
+        self.log_path = log_path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+async def start_agent(
+    binary: Path, workdir: Path, *extra_args: str
+) -> tuple[AgentProcess, SocketStream]:
+    ours, theirs = socket.socketpair()
+    log_path = workdir / "agent.log"
+    with theirs, open(log_path, "wb") as log:
+        process = await anyio.open_process(
+            [str(binary), "--fd", str(theirs.fileno()), *extra_args],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            cwd=workdir,
+            pass_fds=[theirs.fileno()],
+        )
+    return AgentProcess(process, log_path), await SocketStream.from_socket(ours)
+
+
+async def stop_agent(agent: AgentProcess) -> None:
+    """The client closed the socket, so the agent exits on its own; only a
+    stuck one is killed (by its PID: we started it)."""
+    with anyio.move_on_after(10):
+        await agent.process.wait()
+    if agent.process.returncode is None:
+        agent.process.kill()
+        await agent.process.wait()
+        pytest.fail(f"the agent did not exit when its connection closed\n{agent.log()}")
+    await agent.process.aclose()
+
+
+@pytest.fixture
+def agent_workdir(tmp_path: Path) -> Path:
+    workdir = tmp_path / "agent"
+    workdir.mkdir()
+    return workdir
+
+
+@pytest.fixture
+async def agent_process(agent_binary: Path, agent_workdir: Path) -> AsyncIterator[tuple[AgentProcess, SocketStream]]:
+    agent, stream = await start_agent(agent_binary, agent_workdir)
+    try:
+        yield agent, stream
+    finally:
+        await stream.aclose()
+        await stop_agent(agent)
+
+
+@pytest.fixture
+async def agent(agent_process: tuple[AgentProcess, SocketStream]) -> AsyncIterator[AgentClient]:
+    """A connected client; the agent's READY has arrived."""
+    process, stream = agent_process
+    async with AgentClient(stream) as client:
+        with anyio.fail_after(10):
+            await client.wait_ready()
+        yield client
+    if process.process.returncode not in (None, 0):
+        pytest.fail(f"the agent exited with {process.process.returncode}\n{process.log()}")
