@@ -8,7 +8,7 @@ by digest, and build the guest's root filesystem image plus its run config.
 from cellvm.images.config import ImageConfig, User
 from cellvm.images.manifest import Platform
 from cellvm.images.progress import PullReporter
-from cellvm.images.pull import pull
+from cellvm.images.pull import fetch, pull
 from cellvm.images.reference import Reference, parse_reference
 from cellvm.images.registry import RetryPolicy
 from cellvm.images.store import Image, ImageRecord, ImageStore
@@ -23,6 +23,7 @@ __all__ = [
     "Reference",
     "RetryPolicy",
     "User",
+    "fetch",
     "parse_reference",
     "pull",
 ]

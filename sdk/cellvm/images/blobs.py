@@ -110,6 +110,10 @@ class BlobStore:
                 try:
                     await self._stream_into(digest, size, source, partial, on_progress)
                     break
+                except DigestMismatch:
+                    partial.file.close()
+                    path.unlink(missing_ok=True)  # its bytes are wrong: the next pull starts over
+                    raise
                 except (httpx.TransportError, TransientError) as exc:
                     if isinstance(exc, RangeNotSatisfiable):
                         on_progress(-partial.length)
@@ -143,11 +147,25 @@ class BlobStore:
                 # The source ignored our Range: restart the file from the bytes it sends.
                 on_progress(-offset)
                 await anyio.to_thread.run_sync(partial.truncate)
-            async for chunk in chunks:
-                if partial.length + len(chunk) > size:
-                    raise DigestMismatch(f"blob {digest}: more than the {size} bytes its descriptor declares")
-                await anyio.to_thread.run_sync(partial.append, chunk)
-                on_progress(len(chunk))
+            # Network reads are ~64 KiB; hand them to the worker thread (write + hash) in
+            # batches of about 1 MiB, without joining them into one buffer first.
+            batch: list[bytes] = []
+            batched = 0
+            try:
+                async for chunk in chunks:
+                    if partial.length + batched + len(chunk) > size:
+                        batch.clear()
+                        raise DigestMismatch(f"blob {digest}: more than the {size} bytes its descriptor declares")
+                    batch.append(chunk)
+                    batched += len(chunk)
+                    if batched >= CHUNK:
+                        await anyio.to_thread.run_sync(partial.append, batch)
+                        on_progress(batched)
+                        batch, batched = [], 0
+            finally:
+                if batch:  # also on a broken connection: what arrived is kept for the resume
+                    await anyio.to_thread.run_sync(partial.append, batch)
+                    on_progress(batched)
 
 
 class PartialFile:
@@ -175,10 +193,11 @@ class PartialFile:
         self.hasher = hashlib.sha256()
         self.length = 0
 
-    def append(self, chunk: bytes) -> None:
-        self.file.write(chunk)
-        self.hasher.update(chunk)
-        self.length += len(chunk)
+    def append(self, chunks: list[bytes]) -> None:
+        for chunk in chunks:
+            self.file.write(chunk)
+            self.hasher.update(chunk)
+            self.length += len(chunk)
 
     def sync_and_close(self) -> None:
         self.file.flush()

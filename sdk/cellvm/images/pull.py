@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import anyio
 import anyio.abc
@@ -45,11 +47,47 @@ async def pull(
     and return it with its root filesystem image built."""
     if rootfs_format not in FORMATS:
         raise ImageError(f"unknown rootfs format {rootfs_format!r}")
-    wanted = Platform.parse(platform) if isinstance(platform, str) else platform or host_linux_platform()
     store = store or ImageStore()
     reporter = reporter or PullReporter()
     retry = retry or RetryPolicy()
+    async with _resolve(image, platform, retry, reporter) as (source, resolved):
+        cached = store.load_image(source.name, resolved.digest, rootfs_format)
+        await _store_documents(store, resolved)
+        if cached is None:
+            await _fetch_blobs(store, source, resolved, reporter, retry)
+            cached = await _build(store, source.name, resolved, rootfs_format, reporter)
+        else:
+            for layer in resolved.manifest.layers:
+                reporter.layer_cached(layer.digest, layer.size)
+    store.record(source.name, resolved.digest, rootfs_format, sorted(resolved.documents))
+    reporter.done(cached)
+    return cached
 
+
+async def fetch(
+    image: str,
+    *,
+    platform: str | Platform | None = None,
+    store: ImageStore | None = None,
+    reporter: PullReporter | None = None,
+    retry: RetryPolicy | None = None,
+) -> str:
+    """Download and verify the image's blobs into the cache, without building a rootfs
+    (to warm a cache ahead of time). Returns the manifest digest."""
+    store = store or ImageStore()
+    reporter = reporter or PullReporter()
+    retry = retry or RetryPolicy()
+    async with _resolve(image, platform, retry, reporter) as (source, resolved):
+        await _store_documents(store, resolved)
+        await _fetch_blobs(store, source, resolved, reporter, retry)
+    return resolved.digest
+
+
+@asynccontextmanager
+async def _resolve(
+    image: str, platform: str | Platform | None, retry: RetryPolicy, reporter: PullReporter
+) -> AsyncIterator[tuple[ImageSource, ResolvedManifest]]:
+    wanted = Platform.parse(platform) if isinstance(platform, str) else platform or host_linux_platform()
     local = local_source(image)
     async with RegistryClient(retry=retry) as client:
         source: ImageSource
@@ -61,20 +99,14 @@ async def pull(
             source = RegistrySource(reference, client, mirrors.endpoints(reference))
         resolved = await source.resolve(wanted)
         reporter.resolved(source.name, resolved.digest)
+        yield source, resolved
 
-        cached = store.load_image(source.name, resolved.digest, rootfs_format)
-        for digest, raw in resolved.documents.items():
-            if not store.blobs.has(digest):
-                await anyio.to_thread.run_sync(store.blobs.put_bytes, digest, raw)
-        if cached is None:
-            await _fetch_blobs(store, source, resolved, reporter, retry)
-            cached = await _build(store, source.name, resolved, rootfs_format, reporter)
-        else:
-            for layer in resolved.manifest.layers:
-                reporter.layer_cached(layer.digest, layer.size)
-    store.record(source.name, resolved.digest, rootfs_format, sorted(resolved.documents))
-    reporter.done(cached)
-    return cached
+
+async def _store_documents(store: ImageStore, resolved: ResolvedManifest) -> None:
+    """Keep the manifest (and index) bytes, so the cache holds everything the image is made of."""
+    for digest, raw in resolved.documents.items():
+        if not store.blobs.has(digest):
+            await anyio.to_thread.run_sync(store.blobs.put_bytes, digest, raw)
 
 
 async def _fetch_blobs(

@@ -113,7 +113,7 @@ class RegistrySource:
     async def open(self, digest: str, offset: int) -> AsyncIterator[tuple[AsyncIterator[bytes], int]]:
         assert self.endpoint is not None, "resolve() first"
         async with self.client.open_blob(self.endpoint, self.reference.repository, digest, offset) as (response, served):
-            yield response.aiter_bytes(CHUNK), served
+            yield response.aiter_bytes(), served
 
 
 async def _file_chunks(path: Path, offset: int) -> AsyncIterator[bytes]:
