@@ -327,6 +327,10 @@ class AgentClient:
         """Sends one frame as is (low level; tests use it for malformed frames)."""
         await self._send_bytes(encode_frame(type, id, payload, flags))
 
+    async def send_raw(self, data: bytes) -> None:
+        """Sends bytes as is, framing included (tests use it for bad frames)."""
+        await self._send_bytes(data)
+
     async def _send_bytes(self, data: bytes) -> None:
         if self._closed is not None:
             raise AgentDisconnected(f"agent connection is closed: {self._closed}")
@@ -475,6 +479,7 @@ class AgentClient:
         stdin: bytes | None = None,
         pty: bool = False,
         timeout: float | None = None,
+        clear_env: bool = False,
     ) -> ExecResult:
         """Runs a command to completion and returns its output. A non-zero
         exit is a result, not an error; a timeout raises ExecTimeout with
@@ -482,7 +487,7 @@ class AgentClient:
         stdout, stderr = bytearray(), bytearray()
         async with self.process(
             *argv, env=env, cwd=cwd, user=user, uid=uid, gid=gid,
-            stdin=stdin is not None, pty=pty, timeout=timeout,
+            stdin=stdin is not None, pty=pty, timeout=timeout, clear_env=clear_env,
         ) as process:  # fmt: skip
             async with anyio.create_task_group() as tasks:
                 if stdin is not None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import anyio
@@ -53,13 +53,23 @@ class AgentProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    async def stop(self) -> None:
+        """Waits for the agent to exit: it does once its connection closes.
+        Only a stuck one is killed (by its PID: we started it)."""
+        if self.process.returncode is None:
+            with anyio.move_on_after(10):
+                await self.process.wait()
+        if self.process.returncode is None:
+            self.process.kill()
+            await self.process.wait()
+            pytest.fail(f"the agent did not exit when its connection closed\n{self.log()}")
+        await self.process.aclose()
 
-async def start_agent(
-    binary: Path, workdir: Path, *extra_args: str
-) -> tuple[AgentProcess, SocketStream]:
+
+async def start_agent(binary: Path, workdir: Path, *extra_args: str) -> tuple[AgentProcess, SocketStream]:
     ours, theirs = socket.socketpair()
     log_path = workdir / "agent.log"
-    with theirs, open(log_path, "wb") as log:
+    with theirs, open(log_path, "ab") as log:
         process = await anyio.open_process(
             [str(binary), "--fd", str(theirs.fileno()), *extra_args],
             stdin=subprocess.DEVNULL,
@@ -71,16 +81,7 @@ async def start_agent(
     return AgentProcess(process, log_path), await SocketStream.from_socket(ours)
 
 
-async def stop_agent(agent: AgentProcess) -> None:
-    """The client closed the socket, so the agent exits on its own; only a
-    stuck one is killed (by its PID: we started it)."""
-    with anyio.move_on_after(10):
-        await agent.process.wait()
-    if agent.process.returncode is None:
-        agent.process.kill()
-        await agent.process.wait()
-        pytest.fail(f"the agent did not exit when its connection closed\n{agent.log()}")
-    await agent.process.aclose()
+Launcher = Callable[..., Awaitable[tuple[AgentProcess, SocketStream]]]
 
 
 @pytest.fixture
@@ -91,13 +92,23 @@ def agent_workdir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-async def agent_process(agent_binary: Path, agent_workdir: Path) -> AsyncIterator[tuple[AgentProcess, SocketStream]]:
-    agent, stream = await start_agent(agent_binary, agent_workdir)
-    try:
-        yield agent, stream
-    finally:
+async def launch_agent(agent_binary: Path, agent_workdir: Path) -> AsyncIterator[Launcher]:
+    """Starts agents with extra arguments; each is stopped after the test."""
+    started: list[tuple[AgentProcess, SocketStream]] = []
+
+    async def launch(*extra_args: str) -> tuple[AgentProcess, SocketStream]:
+        started.append(await start_agent(agent_binary, agent_workdir, *extra_args))
+        return started[-1]
+
+    yield launch
+    for process, stream in started:
         await stream.aclose()
-        await stop_agent(agent)
+        await process.stop()
+
+
+@pytest.fixture
+async def agent_process(launch_agent: Launcher) -> tuple[AgentProcess, SocketStream]:
+    return await launch_agent()
 
 
 @pytest.fixture
