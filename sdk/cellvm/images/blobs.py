@@ -171,7 +171,7 @@ class BlobStore:
 class PartialFile:
     """A download in progress: the file, its length and the running hash of its bytes."""
 
-    def __init__(self, file: BinaryIO, hasher: "hashlib._Hash", length: int) -> None:
+    def __init__(self, file: BinaryIO, hasher: hashlib._Hash, length: int) -> None:
         self.file = file
         self.hasher = hasher
         self.length = length

@@ -9,7 +9,7 @@ import json
 import os
 import tarfile
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -22,7 +22,6 @@ from cellvm.images.manifest import (
     DOCKER_CONFIG,
     INDEX_TYPES,
     OCI_MANIFEST,
-    Descriptor,
     Index,
     Manifest,
     Platform,
@@ -47,15 +46,17 @@ class ResolvedManifest:
 
 
 class ImageSource(Protocol):
+    """Resolves an image to one platform manifest and serves its blobs (a BlobSource)."""
+
     name: str
 
     async def resolve(self, platform: Platform) -> ResolvedManifest: ...
 
-    def open(self, digest: str, offset: int) -> AsyncIterator[tuple[AsyncIterator[bytes], int]]: ...
+    def open(self, digest: str, offset: int) -> AbstractAsyncContextManager[tuple[AsyncIterator[bytes], int]]: ...
 
 
 async def _resolve_documents(
-    fetch: "FetchDocument", identifier: str, platform: Platform, where: str
+    fetch: FetchDocument, identifier: str, platform: Platform, where: str
 ) -> ResolvedManifest:
     raw, content_type, digest = await fetch(identifier)
     documents = {digest: raw}
@@ -273,4 +274,4 @@ def local_source(text: str) -> OCILayoutSource | DockerArchiveSource | None:
     return None
 
 
-__all__ = ["Descriptor", "DockerArchiveSource", "ImageSource", "OCILayoutSource", "RegistrySource", "local_source"]
+__all__ = ["DockerArchiveSource", "ImageSource", "OCILayoutSource", "RegistrySource", "local_source"]
