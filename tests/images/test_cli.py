@@ -52,3 +52,31 @@ def test_errors_are_one_line_and_exit_1(mirror_env: Registry, tmp_path: Path) ->
     invalid = cellvm(env, "pull", "Not/Valid")
     assert invalid.returncode == 1 and "InvalidReference" in invalid.stderr
     assert cellvm(env, "rm", "never-pulled").returncode == 1
+
+
+def test_pull_shows_a_progress_bar_per_layer_on_a_terminal(mirror_env: Registry, tmp_path: Path) -> None:
+    import pty
+
+    env = {**os.environ, "CELLVM_CACHE": str(tmp_path / "cache"), "COLUMNS": "120", "TERM": "xterm"}
+    controller, terminal = pty.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cellvm.cli", "pull", "node:24"], env=env, stdout=subprocess.PIPE, stderr=terminal
+    )
+    os.close(terminal)
+    shown = b""
+    while True:
+        try:
+            data = os.read(controller, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        shown += data
+    out, _ = process.communicate(timeout=120)
+    os.close(controller)
+    assert process.returncode == 0
+    assert out.decode().startswith("node:24 sha256:")
+    text = shown.decode(errors="replace")
+    assert "━" in text and "verified" in text
+    assert text.count("MB") >= 2, "each of the two layers has its own bar"
+    assert "rootfs.erofs:" in text
