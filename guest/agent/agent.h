@@ -51,5 +51,8 @@ void send_credit(uint32_t id, uint16_t data_type, uint32_t bytes);
 
 // main.c: one complete frame from the host.
 void dispatch(uint16_t type, uint32_t id, uint16_t flags, const uint8_t *payload, uint32_t len);
+// The id an ERROR about a frame goes to: frames without a reply of their own
+// (data, CREDIT, SIGNAL, ...) are reported on 0, so a live stream survives.
+uint32_t error_id(uint16_t type, uint32_t id);
 
 #endif

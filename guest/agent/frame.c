@@ -134,8 +134,8 @@ static void parse_input(void)
 		uint32_t id = get_u32(p + 4);
 		uint16_t type = get_u16(p + 8), flags = get_u16(p + 10);
 		if (len > FRAME_MAX_PAYLOAD) {
-			send_error(id, E_PROTOCOL, 0, "frame payload of %u bytes exceeds the maximum of %u",
-				   len, FRAME_MAX_PAYLOAD);
+			send_error(error_id(type, id), E_PROTOCOL, 0,
+				   "frame payload of %u bytes exceeds the maximum of %u", len, FRAME_MAX_PAYLOAD);
 			conn.discard = len;
 			off += FRAME_HEADER_SIZE;
 			continue;
@@ -144,7 +144,8 @@ static void parse_input(void)
 			break;
 		off += FRAME_HEADER_SIZE + len;
 		if (flags & ~FLAG_KNOWN)
-			send_error(id, E_PROTOCOL, 0, "unknown flags 0x%x on frame type %u", flags, type);
+			send_error(error_id(type, id), E_PROTOCOL, 0, "unknown flags 0x%x on frame type %u",
+				   flags, type);
 		else
 			dispatch(type, id, flags, p + FRAME_HEADER_SIZE, len);
 	}

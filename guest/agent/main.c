@@ -125,7 +125,7 @@ static void hello(uint32_t id, const uint8_t *payload, uint32_t len)
 static void credit(uint32_t id, const uint8_t *payload, uint32_t len)
 {
 	if (len != 8) {
-		send_error(id, E_PROTOCOL, 0, "CREDIT payload must be 8 bytes, got %u", len);
+		send_error(0, E_PROTOCOL, 0, "CREDIT on stream %u: payload must be 8 bytes, got %u", id, len);
 		return;
 	}
 	uint16_t data_type = get_u16(payload);
@@ -135,7 +135,22 @@ static void credit(uint32_t id, const uint8_t *payload, uint32_t len)
 	else if (data_type == MSG_STDOUT || data_type == MSG_STDERR)
 		exec_credit(id, data_type, bytes);
 	else
-		send_error(id, E_PROTOCOL, 0, "CREDIT for data type %u", data_type);
+		send_error(0, E_PROTOCOL, 0, "CREDIT on stream %u for data type %u", id, data_type);
+}
+
+uint32_t error_id(uint16_t type, uint32_t id)
+{
+	switch (type) {
+	case MSG_SIGNAL:
+	case MSG_RESIZE:
+	case MSG_CANCEL:
+	case MSG_STDIN:
+	case MSG_FILE_DATA:
+	case MSG_CREDIT:
+		return 0;
+	default:
+		return id;
+	}
 }
 
 static int is_new_request(uint16_t type)
