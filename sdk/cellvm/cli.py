@@ -170,7 +170,7 @@ def add_prune(commands: argparse._SubParsersAction) -> None:
 
 
 def run_prune(args: argparse.Namespace) -> int:
-    removed, freed = ImageStore().prune()
+    removed, freed = anyio.run(ImageStore().prune)
     print(f"removed {removed} files, freed {human_size(freed)}")
     return 0
 

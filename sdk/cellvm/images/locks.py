@@ -12,8 +12,8 @@ import anyio
 
 
 @asynccontextmanager
-async def file_lock(path: Path, *, poll_interval: float = 0.05) -> AsyncIterator[None]:
-    """Hold an exclusive flock on ``path``.
+async def file_lock(path: Path, *, shared: bool = False, poll_interval: float = 0.05) -> AsyncIterator[None]:
+    """Hold an flock on ``path``: exclusive, or shared with other shared holders.
 
     Polls with LOCK_NB rather than blocking in a worker thread, so waiting
     stays cancellable. flock locks vanish with their process, so a crashed
@@ -25,7 +25,7 @@ async def file_lock(path: Path, *, poll_interval: float = 0.05) -> AsyncIterator
         delay = poll_interval / 5
         while True:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
                 await anyio.sleep(delay)

@@ -50,7 +50,7 @@ async def pull(
     store = store or ImageStore()
     reporter = reporter or PullReporter()
     retry = retry or RetryPolicy()
-    async with _resolve(image, platform, retry, reporter) as (source, resolved):
+    async with store.in_use(), _resolve(image, platform, retry, reporter) as (source, resolved):
         cached = store.load_image(source.name, resolved.digest, rootfs_format)
         await _store_documents(store, resolved)
         if cached is None:
@@ -59,7 +59,8 @@ async def pull(
         else:
             for layer in resolved.manifest.layers:
                 reporter.layer_cached(layer.digest, layer.size)
-    store.record(source.name, resolved.digest, rootfs_format, sorted(resolved.documents))
+        # Named before the store lock is released, so a prune never sees it unnamed.
+        await anyio.to_thread.run_sync(store.record, source.name, resolved.digest, rootfs_format, sorted(resolved.documents))
     reporter.done(cached)
     return cached
 
@@ -77,7 +78,7 @@ async def fetch(
     store = store or ImageStore()
     reporter = reporter or PullReporter()
     retry = retry or RetryPolicy()
-    async with _resolve(image, platform, retry, reporter) as (source, resolved):
+    async with store.in_use(), _resolve(image, platform, retry, reporter) as (source, resolved):
         await _store_documents(store, resolved)
         await _fetch_blobs(store, source, resolved, reporter, retry)
     return resolved.digest

@@ -18,11 +18,15 @@ import time
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
+from contextlib import AbstractAsyncContextManager
 from typing import Any
+
+import anyio
 
 from cellvm.errors import ImageNotFound
 from cellvm.images.blobs import BlobStore, hex_of
 from cellvm.images.config import ImageConfig
+from cellvm.images.locks import file_lock
 
 
 def default_cache_dir() -> Path:
@@ -142,12 +146,21 @@ class ImageStore:
             raise ImageNotFound(f"no image named {name!r} in {self.root}")
         path.unlink()
 
-    def prune(self) -> tuple[int, int]:
-        """Delete rootfs images and blobs no name refers to; (files removed, bytes freed).
+    def in_use(self) -> AbstractAsyncContextManager[None]:
+        """Held (shared) by every pull, so prune never deletes what a pull is about to use."""
+        return file_lock(self.blobs.locks_dir / "store.lock", shared=True)
 
-        Blocking; call from a thread. Blobs of images still named are kept by
-        reading their manifests, so a re-pull of those stays free.
+    async def prune(self) -> tuple[int, int]:
+        """Delete rootfs images, blobs and partial downloads no name refers to;
+        returns (files removed, bytes freed). Waits until no pull is running.
+
+        Blobs of images still named are kept (found through their manifests),
+        so a re-pull of those stays free.
         """
+        async with file_lock(self.blobs.locks_dir / "store.lock"):
+            return await anyio.to_thread.run_sync(self._prune_blocking)
+
+    def _prune_blocking(self) -> tuple[int, int]:
         keep_rootfs: set[str] = set()
         keep_blobs: set[str] = set()
         for ref in self._refs():
@@ -165,6 +178,15 @@ class ImageStore:
                 freed += blob.stat().st_size
                 blob.unlink(missing_ok=True)
                 removed += 1
+        # No pull runs while we hold the store lock: what is in tmp/ was abandoned.
+        for leftover in self.blobs.tmp_dir.iterdir() if self.blobs.tmp_dir.exists() else ():
+            if leftover.is_dir():
+                freed += sum(p.stat().st_size for p in leftover.rglob("*") if p.is_file())
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                freed += leftover.stat().st_size
+                leftover.unlink(missing_ok=True)
+            removed += 1
         return removed, freed
 
     def _blobs_of(self, manifest_digest: str) -> set[str]:
