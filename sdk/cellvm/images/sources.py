@@ -20,7 +20,6 @@ from cellvm.errors import DigestMismatch, ImageError, ImageNotFound, RegistryUna
 from cellvm.images.blobs import CHUNK
 from cellvm.images.manifest import (
     DOCKER_CONFIG,
-    INDEX_TYPES,
     OCI_MANIFEST,
     Index,
     Manifest,
@@ -153,17 +152,11 @@ class OCILayoutSource:
             raise ImageError(f"{self.directory}/index.json is not an index")
         entries = list(top.manifests)
         if self.tag:
-            entries = [e for e in entries if e.annotations.get(REF_NAME_ANNOTATION) in (self.tag, f"latest:{self.tag}")]
-            if not entries:
-                raise ImageNotFound(f"{self.name}: no manifest tagged {self.tag!r}")
-        elif len(entries) > 1:
-            # Several images and no tag: the platform decides, as for an index.
-            entries = [select_platform(Index(top.media_type, tuple(entries)), platform)]
+            entries = [e for e in entries if e.annotations.get(REF_NAME_ANNOTATION) == self.tag]
         if not entries:
-            raise ImageNotFound(f"{self.name}: index.json lists no manifest")
-        entry = entries[0]
-        if len(entries) > 1 and entry.media_type not in INDEX_TYPES:
-            entry = select_platform(Index(top.media_type, tuple(entries)), platform)
+            raise ImageNotFound(f"{self.name}: no manifest" + (f" tagged {self.tag!r}" if self.tag else " in index.json"))
+        # Several candidates (one per platform, or an untagged multi-image layout): the platform decides.
+        entry = entries[0] if len(entries) == 1 else select_platform(Index(top.media_type, tuple(entries)), platform)
         return await _resolve_documents(self._read_document, entry.digest, platform, self.name)
 
     @asynccontextmanager
@@ -256,7 +249,7 @@ def _hash_member(archive: tarfile.TarFile, name: str) -> tuple[str, int]:
 
 
 def local_source(text: str) -> OCILayoutSource | DockerArchiveSource | None:
-    """'oci:DIR[:TAG]', 'docker-archive:FILE[:TAG]', or an existing path; None for a registry reference."""
+    """'oci:DIR[:TAG]', 'docker-archive:FILE[:TAG]', or a path (/, ./, ../, ~); None for a registry reference."""
     for prefix, kind in (("oci:", "oci"), ("docker-archive:", "archive")):
         if text.startswith(prefix):
             location, tag = text[len(prefix) :], None
@@ -264,8 +257,9 @@ def local_source(text: str) -> OCILayoutSource | DockerArchiveSource | None:
                 location, tag = location.rsplit(":", 1)
             path = Path(location).resolve()
             return OCILayoutSource(path, tag) if kind == "oci" else DockerArchiveSource(path, tag)
-    if text.startswith(("/", "./", "../")) or os.path.exists(text):
-        path = Path(text).resolve()
+    # Only what looks like a path: a directory that happens to be called "busybox" is not the image busybox.
+    if text.startswith(("/", "./", "../", "~")):
+        path = Path(text).expanduser().resolve()
         if path.is_dir():
             return OCILayoutSource(path)
         if path.is_file():
