@@ -64,7 +64,8 @@ int config_load(const char *path)
 	char *data = read_small_file(path, &len);
 	if (!data)
 		return -1;
-	for (char *rec = data; rec < data + len; rec += strlen(rec) + 1) {
+	for (char *rec = data, *next; rec < data + len; rec = next) {
+		next = rec + strlen(rec) + 1; // before the record is cut at its '='
 		char *eq = strchr(rec, '=');
 		if (!*rec)
 			continue;

@@ -80,8 +80,12 @@ static void wait_for(const char *path)
 		nanosleep(&step, NULL);
 }
 
-static void read_cmdline(void)
+static void read_cmdline(const char *override)
 {
+	if (override) {
+		snprintf(cmdline, sizeof cmdline, "%s", override);
+		return;
+	}
 	int fd = open("/proc/cmdline", O_RDONLY | O_CLOEXEC);
 	ssize_t n = fd >= 0 ? read(fd, cmdline, sizeof cmdline - 1) : -1;
 	if (n < 0)
@@ -127,7 +131,7 @@ static void mount_api_filesystems(int fresh_root)
 	symlink("/proc/self/fd/2", "/dev/stderr");
 }
 
-void init_machine(struct init_result *out)
+void init_machine(struct init_result *out, const char *cmdline_override)
 {
 	static const int crash_signals[] = {SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGABRT};
 	for (size_t i = 0; i < sizeof crash_signals / sizeof *crash_signals; i++)
@@ -140,7 +144,7 @@ void init_machine(struct init_result *out)
 		if (fcntl(fd, F_GETFD) < 0 && open("/dev/console", O_RDWR | O_NOCTTY) != fd)
 			open("/dev/null", O_RDWR);
 	mount_or_die("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
-	read_cmdline();
+	read_cmdline(cmdline_override);
 
 	char config[256] = "/cellvm/config";
 	int config_given = param("cellvm.config", config, sizeof config) != NULL;

@@ -5,7 +5,12 @@
 //   cellvm-agent --init                 PID 1 (also implied when getpid() == 1)
 //   cellvm-agent --fd N                 serve fd N (a socket) in both directions
 //   cellvm-agent --stdio                serve stdin/stdout
-//   options: --config FILE (image config, see config.c), --allow-clock-step
+//   options: --config FILE (image config, see config.c), --allow-clock-step,
+//            --cmdline STRING (instead of /proc/cmdline in init mode, for tests)
+//
+// With --init and --fd the agent serves the inherited fd instead of opening
+// cellvm.channel, and powers off when it closes (tests: PID 1 of a PID
+// namespace, where power-off ends the namespace).
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
@@ -209,8 +214,8 @@ void dispatch(uint16_t type, uint32_t id, uint16_t flags, const uint8_t *payload
 
 static void usage(void)
 {
-	fprintf(stderr, "usage: cellvm-agent [--init | --fd N | --stdio] [--config FILE] "
-			"[--allow-clock-step]\n");
+	fprintf(stderr, "usage: cellvm-agent [--init] [--fd N | --stdio] [--config FILE] "
+			"[--allow-clock-step] [--cmdline STRING]\n");
 	exit(2);
 }
 
@@ -247,6 +252,7 @@ static void serve(int in_fd, int out_fd)
 int main(int argc, char **argv)
 {
 	int fd = -1, stdio = 0;
+	const char *cmdline = NULL;
 	opt.init = getpid() == 1;
 	for (int i = 1; i < argc; i++) {
 		if (!strcmp(argv[i], "--init"))
@@ -257,6 +263,8 @@ int main(int argc, char **argv)
 			fd = atoi(argv[++i]);
 		else if (!strcmp(argv[i], "--config") && i + 1 < argc)
 			opt.config_path = argv[++i];
+		else if (!strcmp(argv[i], "--cmdline") && i + 1 < argc)
+			cmdline = argv[++i];
 		else if (!strcmp(argv[i], "--allow-clock-step"))
 			opt.allow_clock_step = 1;
 		else
@@ -269,7 +277,12 @@ int main(int argc, char **argv)
 	if (opt.init) {
 		opt.allow_clock_step = 1;
 		struct init_result machine;
-		init_machine(&machine);
+		init_machine(&machine, cmdline);
+		if (fd >= 0) {
+			make_raw(fd);
+			serve(fd, fd);
+			fatal("the host closed fd %d", fd);
+		}
 		// The host may reconnect (a new VMM process after restore): never exit.
 		for (;;) {
 			int channel = open_channel(machine.channel);

@@ -32,7 +32,7 @@ async def test_image_config_defaults_and_overrides(
         "unknown-key=ignored",
     ]
     config.write_bytes(b"".join(r.encode() + b"\0" for r in records))
-    _, stream = await launch_agent("--config", str(config))
+    process, stream = await launch_agent("--config", str(config))
     async with AgentClient(stream) as agent:
         result = await agent.exec("sh", "-c", 'echo "$IMAGE_VAR|$PATH|$(pwd)|$(id -un)|$HOME"')
         assert result.stdout.decode().strip().split("|") == [
@@ -48,3 +48,5 @@ async def test_image_config_defaults_and_overrides(
             "HOME=/nonexistent", "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
         ]  # fmt: skip
         assert await agent.files.read("data.txt") == b"relative"  # relative to WorkingDir
+    ignored = [line for line in process.log().splitlines() if "ignoring" in line]
+    assert ignored == ["cellvm-agent: config: ignoring unknown key unknown-key"], process.log()
