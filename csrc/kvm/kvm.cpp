@@ -73,15 +73,23 @@ Kvm::Kvm() {
   list->nmsrs = probe.nmsrs;
   xioctl(fd_.get(), KVM_GET_MSR_INDEX_LIST, list, "KVM_GET_MSR_INDEX_LIST");
   msr_list_.assign(list->indices, list->indices + list->nmsrs);
+}
 
-  UniqueFd vm(xioctl(fd_.get(), KVM_CREATE_VM, 0, "KVM_CREATE_VM"));
-  UniqueFd vcpu(xioctl(vm.get(), KVM_CREATE_VCPU, 0, "KVM_CREATE_VCPU"));
-  alignas(kvm_msrs) uint8_t probe_buf[sizeof(kvm_msrs) + sizeof(kvm_msr_entry)] = {};
-  auto* probe_msr = reinterpret_cast<kvm_msrs*>(probe_buf);
-  probe_msr->nmsrs = 1;
-  probe_msr->entries[0].index = kMsrPvmSignature;
-  if (::ioctl(vcpu.get(), KVM_GET_MSRS, probe_msr) == 1 && probe_msr->entries[0].data == kPvmSignature)
-    backend_ = Backend::Pvm;
+Backend Kvm::backend(int vcpu_fd) const {
+  std::call_once(backend_once_, [&] {
+    UniqueFd scratch_vm, scratch_vcpu;
+    if (vcpu_fd < 0) {
+      scratch_vm.reset(xioctl(fd_.get(), KVM_CREATE_VM, 0, "KVM_CREATE_VM"));
+      scratch_vcpu.reset(xioctl(scratch_vm.get(), KVM_CREATE_VCPU, 0, "KVM_CREATE_VCPU"));
+      vcpu_fd = scratch_vcpu.get();
+    }
+    alignas(kvm_msrs) uint8_t probe_buf[sizeof(kvm_msrs) + sizeof(kvm_msr_entry)] = {};
+    auto* probe = reinterpret_cast<kvm_msrs*>(probe_buf);
+    probe->nmsrs = 1;
+    probe->entries[0].index = kMsrPvmSignature;
+    if (::ioctl(vcpu_fd, KVM_GET_MSRS, probe) == 1 && probe->entries[0].data == kPvmSignature) backend_ = Backend::Pvm;
+  });
+  return backend_;
 }
 
 int Kvm::check_extension(long cap) const { return ::ioctl(fd_.get(), KVM_CHECK_EXTENSION, cap); }

@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -32,9 +33,11 @@ class Kvm {
   const std::vector<kvm_cpuid_entry2>& supported_cpuid() const { return cpuid_; }
   // KVM_GET_MSR_INDEX_LIST; the MSRs a snapshot saves (see Vcpu::saved_msrs).
   const std::vector<uint32_t>& msr_index_list() const { return msr_list_; }
-  // PVM or hardware KVM, detected once by reading the PVM signature MSR
-  // from a scratch vCPU (it reads "PVM" only on kvm-pvm).
-  Backend backend() const { return backend_; }
+  // PVM or hardware KVM, detected once per process by reading the PVM
+  // signature MSR (it reads "PVM" only on kvm-pvm) from `vcpu_fd`, or from
+  // a scratch VM when no vCPU is at hand (about 1 ms: avoided on the first
+  // machine's path by passing its vCPU 0).
+  Backend backend(int vcpu_fd = -1) const;
 
  private:
   Kvm();
@@ -42,7 +45,8 @@ class Kvm {
   size_t vcpu_mmap_size_ = 0;
   std::vector<kvm_cpuid_entry2> cpuid_;
   std::vector<uint32_t> msr_list_;
-  Backend backend_ = Backend::HardwareKvm;
+  mutable std::once_flag backend_once_;
+  mutable Backend backend_ = Backend::HardwareKvm;
 };
 
 class KvmVcpu;
@@ -63,6 +67,7 @@ class KvmVm {
   void set_clock(const kvm_clock_data& clock);
   uint64_t tsc_khz() const;
   std::unique_ptr<KvmVcpu> create_vcpu(int index);
+  void close() { fd_.reset(); }  // the VM goes once its vCPU fds are closed too
 
  private:
   UniqueFd fd_;

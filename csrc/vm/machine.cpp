@@ -71,15 +71,14 @@ std::unique_ptr<Machine> Machine::prepare(MachineConfig config, const std::vecto
 
 Machine::Machine(MachineConfig config, GuestMemory memory, PhaseClock* clock)
     : config_(config),
-      backend_(Kvm::instance().backend()),
       memory_(std::make_unique<GuestMemory>(std::move(memory))),
       coordinator_(config.vcpus),
       vcpu_stamps_(config.vcpus) {
   if (clock) clock->stamp("vm_create");
-  if (backend_ == Backend::HardwareKvm) {
-    vm_.set_tss_addr(kTssAddr);
-    vm_.set_identity_map_addr(kIdentityMapAddr);
-  }
+  // Hardware KVM (VMX) needs these scratch pages; PVM accepts and ignores
+  // them, so set them before we know which one this is.
+  vm_.set_tss_addr(kTssAddr);
+  vm_.set_identity_map_addr(kIdentityMapAddr);
   // Memory slots before the irqchip: on PVM a slot added after
   // KVM_CREATE_IRQCHIP costs ~10 ms instead of ~50 us (PVM-HOST-FACTS.md).
   vm_.set_memory_region(0, 0, memory_->size(), memory_->host());
@@ -87,7 +86,9 @@ Machine::Machine(MachineConfig config, GuestMemory memory, PhaseClock* clock)
   vm_.create_irqchip();
   if (clock) clock->stamp("irqchip");
   for (int i = 0; i < config.vcpus; ++i) {
-    auto vcpu = std::make_unique<Vcpu>(vm_.create_vcpu(i), backend_);
+    std::unique_ptr<KvmVcpu> kvm_vcpu = vm_.create_vcpu(i);
+    if (i == 0) backend_ = Kvm::instance().backend(kvm_vcpu->fd());  // probed once per process
+    auto vcpu = std::make_unique<Vcpu>(std::move(kvm_vcpu), backend_);
     vcpu->kvm().set_cpuid(cpuid_for(i));
     vcpus_.push_back(std::move(vcpu));
   }
@@ -95,8 +96,9 @@ Machine::Machine(MachineConfig config, GuestMemory memory, PhaseClock* clock)
 
   pio_bus_.add(Serial::kBase, 8, &serial_);
   pio_bus_.add(I8042::kDataPort, I8042::kCommandPort - I8042::kDataPort + 1, &i8042_);
+  pio_bus_.add(PowerPort::kPort, 1, &power_);
   mmio_bus_.add(TestDevice::kBase, TestDevice::kSize, &testdev_);
-  devices_ = {&serial_, &i8042_, &testdev_};
+  devices_ = {&serial_, &i8042_, &power_, &testdev_};
 }
 
 Machine::~Machine() { close(); }
@@ -215,8 +217,11 @@ void Machine::vcpu_thread(int index, bool wait_for_request) {
   coordinator_.attach(index);
   // A restored machine's threads must not enter the guest before the
   // restore request has reached them: they wait for its first kick.
+  // A restore that is already under way when this thread attaches kicked
+  // nobody (the coordinator only kicks attached vCPUs, then again every
+  // kick_interval = 1 ms): it must not wait for a kick then.
   if (wait_for_request) {
-    vcpu.wait_for_kick();
+    if (!coordinator_.has_request()) vcpu.wait_for_kick();
     vcpu_stamps_[index].woke.store(now_ns());
   }
   kvm_run* run = vcpu.kvm().run_area();
@@ -324,9 +329,17 @@ void Machine::close() {
   loop_.stop();  // before any device goes: its handlers run on the loop thread
   std::lock_guard lock(mutex_);
   closed_ = true;
+  // Tearing a VM down takes the kernel up to ~15 ms: do it here, where the
+  // binding has released the GIL, not in a destructor that runs under it.
+  vcpus_.clear();
+  vm_.close();
 }
 
 std::vector<std::pair<std::string, uint64_t>> Machine::vcpu_stats(int vcpu) const {
+  {
+    std::lock_guard lock(mutex_);
+    check_open();
+  }
   if (vcpu < 0 || vcpu >= static_cast<int>(vcpus_.size())) throw std::out_of_range("no such vCPU");
   return vcpus_[vcpu]->kvm().stats().read_all();
 }

@@ -20,6 +20,7 @@
 
 #include "devices/device.h"
 #include "devices/i8042.h"
+#include "devices/power_port.h"
 #include "devices/virtio/mmio.h"
 #include "devices/serial.h"
 #include "devices/testdev.h"
@@ -155,7 +156,7 @@ class Machine final : public Platform, public VcpuHost {
 
   MachineConfig config_;
   KvmVm vm_;
-  Backend backend_;
+  Backend backend_ = Backend::HardwareKvm;  // set from vCPU 0
   std::unique_ptr<GuestMemory> memory_;
   std::vector<std::unique_ptr<Vcpu>> vcpus_;
   Coordinator<VcpuState> coordinator_;
@@ -163,6 +164,7 @@ class Machine final : public Platform, public VcpuHost {
   Serial serial_{*this};
   TestDevice testdev_{*this};
   I8042 i8042_{*this};
+  PowerPort power_{*this};
   Bus pio_bus_, mmio_bus_;
   std::vector<Device*> devices_;
   EventLoop loop_;
