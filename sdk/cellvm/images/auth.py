@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 
-from cellvm.errors import AuthenticationError
+from cellvm.errors import AuthenticationError, RegistryUnavailable
 from cellvm.images.reference import DOCKER_HUB
 
 # docker writes Docker Hub credentials under its v1 index URL.
@@ -129,9 +129,10 @@ class RegistryAuth(httpx.Auth):
                     f"token server {token_request.url.host} refused"
                     f" {'the credentials' if self.credentials else 'anonymous access'} for {repository or 'the registry'}"
                 )
+            if token_response.status_code >= 500:
+                raise RegistryUnavailable(f"token server {token_request.url.host}: HTTP {token_response.status_code}")
             if token_response.status_code >= 400:
-                # Let the retry layer see a 5xx from the token server as a transient error.
-                token_response.raise_for_status()
+                raise AuthenticationError(f"token server {token_request.url.host}: HTTP {token_response.status_code}")
             try:
                 body = token_response.json()
                 self._tokens[repository] = body.get("token") or body["access_token"]
@@ -142,7 +143,10 @@ class RegistryAuth(httpx.Auth):
         self._sign(request, repository)
         response = yield request
         if response.status_code == 401:
-            raise AuthenticationError(f"{request.url.host} refused access to {repository or 'the registry'}")
+            raise AuthenticationError(
+                f"{request.url.host} refused access to {repository or 'the registry'}"
+                " (the repository may not exist, or needs other credentials)"
+            )
 
     def _sign(self, request: httpx.Request, repository: str) -> None:
         token = self._tokens.get(repository)
