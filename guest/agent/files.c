@@ -23,6 +23,9 @@
 #include "proto.h"
 
 #define MAX_FILE_STREAMS 256
+// A LIST reply is built in memory at once; beyond this many entries the
+// host should run `ls` or `find` through EXEC, which streams.
+#define MAX_LIST_ENTRIES 100000
 
 struct file_stream {
 	struct file_stream *next;
@@ -212,9 +215,17 @@ static void list_dir(uint32_t id, const struct file_args *a)
 	}
 	struct buf b = {0};
 	struct dirent *e;
+	size_t entries = 0;
 	while ((e = readdir(d))) {
 		if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, ".."))
 			continue;
+		if (++entries > MAX_LIST_ENTRIES) {
+			closedir(d);
+			buf_free(&b);
+			send_error(id, E_INVALID, E2BIG, "list %s: more than %d entries", a->path,
+				   MAX_LIST_ENTRIES);
+			return;
+		}
 		struct stat st;
 		if (fstatat(dirfd(d), e->d_name, &st, AT_SYMLINK_NOFOLLOW))
 			continue; // removed while we listed
