@@ -3,6 +3,7 @@ with credentials taken from a docker config.json."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -59,3 +60,26 @@ async def test_refused_credentials_raise_authentication_error(
     use_registry(monkeypatch, tmp_path, secured_registry, password)
     with pytest.raises(AuthenticationError):
         await pull("cellvm-test/config:user-name", store=store)
+
+
+async def test_credentials_from_a_docker_credential_helper(
+    secured_registry: Registry, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, store: ImageStore
+) -> None:
+    use_registry(monkeypatch, tmp_path, secured_registry, None)
+    helper_dir = tmp_path / "bin"
+    helper_dir.mkdir()
+    helper = helper_dir / "docker-credential-cellvmtest"
+    # The helper protocol: `get` reads the server on stdin and prints JSON credentials.
+    helper.write_text(
+        "#!/bin/sh\nread server\n"
+        f'[ "$server" = "{secured_registry.host}" ] || exit 1\n'
+        'echo \'{"ServerURL": "\'$server\'", "Username": "alice", "Secret": "wonderland"}\'\n'
+    )
+    helper.chmod(0o755)
+    config_dir = tmp_path / "helper-config"
+    config_dir.mkdir()
+    (config_dir / "config.json").write_text(f'{{"credHelpers": {{"{secured_registry.host}": "cellvmtest"}}}}')
+    monkeypatch.setenv("DOCKER_CONFIG", str(config_dir))
+    monkeypatch.setenv("PATH", f"{helper_dir}:{os.environ['PATH']}")
+    image = await pull("cellvm-test/config:user-name", store=store)
+    assert image.config.user.name == "app"
