@@ -58,6 +58,9 @@ void translate(const std::exception_ptr& p, void*) {
     raise_python("SnapshotIncompatible", e.what());
   } catch (const MachineClosedError& e) {
     raise_python("MachineClosed", e.what());
+  } catch (const CoordinatorShutDown& e) {
+    // Only after the machine stopped (guest exit, fault or close()).
+    raise_python("MachineClosed", (std::string("the machine has stopped: ") + e.what()).c_str());
   } catch (const HypervisorError& e) {
     raise_python("HypervisorError", e.what());
   }

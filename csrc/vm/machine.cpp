@@ -23,17 +23,6 @@ constexpr uint64_t kIdentityMapAddr = 0xfeffc000;  // hardware KVM (VMX) scratch
 constexpr uint64_t kTssAddr = 0xfeffd000;
 constexpr size_t kConsoleTailForErrors = 4096;
 
-// The supported CPUID with this vCPU's APIC ID, so the topology the guest
-// reads from CPUID matches the LAPIC KVM gives each vCPU (its index).
-std::vector<kvm_cpuid_entry2> cpuid_for(int vcpu) {
-  std::vector<kvm_cpuid_entry2> entries = Kvm::instance().supported_cpuid();
-  for (kvm_cpuid_entry2& e : entries) {
-    if (e.function == 1) e.ebx = (e.ebx & 0x00ffffff) | (uint32_t(vcpu) << 24);
-    if (e.function == 0xb || e.function == 0x1f) e.edx = vcpu;
-  }
-  return entries;
-}
-
 int64_t now_ns() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
       .count();
@@ -55,6 +44,15 @@ GuestMemory memory_for(const MachineConfig& config, const std::vector<std::strin
   return GuestMemory(map_memory_layers(memory_layers, config.memory_bytes));
 }
 }  // namespace
+
+std::vector<kvm_cpuid_entry2> guest_cpuid(int vcpu) {
+  std::vector<kvm_cpuid_entry2> entries = Kvm::instance().supported_cpuid();
+  for (kvm_cpuid_entry2& e : entries) {
+    if (e.function == 1) e.ebx = (e.ebx & 0x00ffffff) | (uint32_t(vcpu) << 24);
+    if (e.function == 0xb || e.function == 0x1f) e.edx = vcpu;
+  }
+  return entries;
+}
 
 Machine::Machine(MachineConfig config, const std::vector<std::string>& memory_layers)
     : Machine((check_config(config), config), memory_for(config, memory_layers), nullptr) {}
@@ -89,7 +87,7 @@ Machine::Machine(MachineConfig config, GuestMemory memory, PhaseClock* clock)
     std::unique_ptr<KvmVcpu> kvm_vcpu = vm_.create_vcpu(i);
     if (i == 0) backend_ = Kvm::instance().backend(kvm_vcpu->fd());  // probed once per process
     auto vcpu = std::make_unique<Vcpu>(std::move(kvm_vcpu), backend_);
-    vcpu->kvm().set_cpuid(cpuid_for(i));
+    vcpu->kvm().set_cpuid(guest_cpuid(i));
     vcpus_.push_back(std::move(vcpu));
   }
   if (clock) clock->stamp("vcpus_cpuid");

@@ -33,6 +33,11 @@
 
 namespace cellvm {
 
+// KVM_GET_SUPPORTED_CPUID as the guest gets it: unchanged but for the APIC
+// ID fields, which KVM fills with the host CPU that answered the ioctl and
+// we set to the vCPU's index, so CPUID agrees with the vCPU's LAPIC.
+std::vector<kvm_cpuid_entry2> guest_cpuid(int vcpu);
+
 struct MachineConfig {
   uint64_t memory_bytes = 64ull << 20;
   int vcpus = 1;

@@ -27,7 +27,7 @@ struct MachineRecordV1 {
 };
 
 uint64_t cpuid_hash() {
-  const auto& cpuid = Kvm::instance().supported_cpuid();
+  const auto cpuid = guest_cpuid(0);  // not the raw list: its APIC IDs vary per host CPU
   return fnv1a(reinterpret_cast<const uint8_t*>(cpuid.data()), cpuid.size() * sizeof(cpuid[0]));
 }
 

@@ -7,10 +7,12 @@ handle:
     ├── HypervisorError         /dev/kvm missing, unusable, or an ioctl failed
     ├── GuestError              the guest did something that stopped the machine
     │   ├── GuestCrashed        triple fault, emulation failure, unexpected exit
-    │   └── BootFailed          the guest never reached its ready point
+    │   ├── BootFailed          the guest never reached its ready point
+    │   └── SandboxCrashed      a sandbox's VM stopped while in use
     ├── DeadlineExceeded        a vCPU or the guest missed a deadline
     │   └── ExecTimeout         a command ran past its timeout and was killed
     ├── MachineClosed           the machine was used after close()
+    ├── GuestNotBuilt           no guest kernel or agent on this machine (./dev setup)
     ├── SnapshotError
     │   ├── SnapshotCorrupt     truncated, bad checksum, unreadable
     │   └── SnapshotIncompatible  other format version, backend or VM shape
@@ -190,3 +192,12 @@ class GuestFileError(AgentError):
 
 class GuestFileNotFound(GuestFileError):
     """The path does not exist in the guest."""
+
+
+class SandboxCrashed(GuestError):
+    """The sandbox's VM stopped while it was in use (guest panic, agent
+    crash, triple fault); ``console`` holds the tail of its console."""
+
+
+class GuestNotBuilt(CellvmError):
+    """The guest kernel or agent is not built on this machine (run ./dev setup)."""

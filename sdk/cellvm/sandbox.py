@@ -1,0 +1,364 @@
+"""Sandbox: an image name in, a hardware-isolated Linux machine out, ready in
+milliseconds because it is restored, not booted.
+
+    async with Sandbox("node:24") as s:
+        r = await s.exec("node", "-e", "console.log(40 + 2)")
+        assert r.stdout == "42\\n"
+
+The first Sandbox of an image (for a given kernel, agent and VM shape) boots
+it once and saves a snapshot at agent-ready: the *template*. Every later
+Sandbox restores the template: a new VM continuing from that instant, with
+its own copy-on-write memory, then tells the agent it was restored (fresh
+entropy, the host's wall clock) before the first command.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import time
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+from anyio.abc import SocketStream
+
+from cellvm import guest
+from cellvm.agent import AgentClient, AgentFiles, ExecResult, Process
+from cellvm.errors import AgentDisconnected, BootFailed, CellvmError, SandboxCrashed
+from cellvm.images import Image, pull
+from cellvm.machine import Machine
+from cellvm.snapshot import Snapshot
+
+#: Bumped when what a template contains changes meaning.
+TEMPLATE_FORMAT = 1
+CONSOLE_DEVICE = 0  # the agent channel is the first device: /dev/hvc0
+RESTORE_TIMEOUT = 2.0  # seconds for every vCPU to take its state
+
+
+@dataclass(frozen=True)
+class CompletedProcess:
+    """What exec() returns. ``stdout``/``stderr`` are text (UTF-8, with
+    replacement); the exact bytes are in ``stdout_bytes``/``stderr_bytes``."""
+
+    exit_code: int
+    stdout_bytes: bytes
+    stderr_bytes: bytes
+    signal: int | None = None
+
+    @property
+    def stdout(self) -> str:
+        return self.stdout_bytes.decode("utf-8", "replace")
+
+    @property
+    def stderr(self) -> str:
+        return self.stderr_bytes.decode("utf-8", "replace")
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+    @classmethod
+    def _from(cls, result: ExecResult) -> CompletedProcess:
+        return cls(result.exit_code, result.stdout, result.stderr, result.signal)
+
+
+# ---------------------------------------------------------------- templates
+
+_digest_cache: dict[tuple[str, int, int], str] = {}
+
+
+def _digest(path: Path) -> str:
+    st = path.stat()
+    key = (str(path), st.st_mtime_ns, st.st_size)
+    if key not in _digest_cache:
+        _digest_cache[key] = guest.file_digest(path)
+    return _digest_cache[key]
+
+
+def template_key(image: Image, *, cpus: int, memory_mib: int, kernel: Path, agent: Path) -> str:
+    inputs = {
+        "format": TEMPLATE_FORMAT,
+        "kernel": _digest(kernel),
+        "agent": _digest(agent),
+        "image": image.digest,
+        "rootfs": str(image.rootfs),
+        "rootfs_format": image.rootfs_format,
+        "config": image.config.to_json(),
+        "cpus": cpus,
+        "memory_mib": memory_mib,
+    }
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _run_config(image: Image) -> guest.RunConfig:
+    config = image.config
+    return guest.RunConfig(env=dict(config.env), workdir=config.working_dir or "/", user=config.user_spec or "0:0")
+
+
+async def _wait_for_agent(machine: Machine, agent: AgentClient, timeout: float) -> None:
+    """READY from a booting agent, or BootFailed with the console tail if the
+    machine stops (panic, bad init) or the deadline passes."""
+    async with anyio.create_task_group() as tasks:
+        result: list[BaseException] = []
+
+        async def watch() -> None:
+            while not machine.stopped:
+                await anyio.sleep(0.01)
+            result.append(BootFailed("the guest stopped before its agent was ready", console=_console(machine)))
+            tasks.cancel_scope.cancel()
+
+        tasks.start_soon(watch)
+        with anyio.move_on_after(timeout) as deadline:
+            await agent.wait_ready()
+        tasks.cancel_scope.cancel()
+    if result:
+        raise result[0]
+    if deadline.cancelled_caught:
+        raise BootFailed(f"the guest agent was not ready after {timeout} s", console=_console(machine))
+
+
+def _console(machine: Machine) -> str:
+    return machine.console().decode("utf-8", "replace")
+
+
+async def _bake(image: Image, directory: Path, *, cpus: int, memory_mib: int, boot_timeout: float) -> Snapshot:
+    kernel, agent_binary = guest.kernel_path(), guest.agent_path()
+    initramfs = directory / "initramfs.cpio.gz"
+    await anyio.to_thread.run_sync(guest.build_initramfs, agent_binary, _run_config(image), initramfs)
+    machine = Machine(memory_mib=memory_mib, vcpus=cpus)
+    try:
+        assert machine.add_device("console") == CONSOLE_DEVICE
+        machine.add_device("block", path=image.rootfs, read_only=True)
+        machine.add_device("rng")
+        cmdline = guest.kernel_cmdline(rootfs_format=image.rootfs_format)
+        machine.load_linux(kernel, initramfs, cmdline)
+        machine.start()
+        stream = await SocketStream.from_socket(machine.console_socket(CONSOLE_DEVICE))
+        async with AgentClient(stream) as agent:
+            await _wait_for_agent(machine, agent, boot_timeout)
+            snapshot = await anyio.to_thread.run_sync(
+                lambda: machine.snapshot(directory / "snapshot", resume=False)
+            )
+        return snapshot
+    finally:
+        await anyio.to_thread.run_sync(machine.close)
+
+
+async def template_for(image: Image, *, cpus: int, memory_mib: int, boot_timeout: float = 30.0) -> Snapshot:
+    """The image's agent-ready snapshot for this shape: cached on disk, built
+    once (other processes wait on a lock rather than boot it twice)."""
+    kernel, agent = guest.kernel_path(), guest.agent_path()
+    key = await anyio.to_thread.run_sync(
+        lambda: template_key(image, cpus=cpus, memory_mib=memory_mib, kernel=kernel, agent=agent)
+    )
+    directory = guest.cache_dir() / "templates" / key
+    directory.mkdir(parents=True, exist_ok=True)
+    if (directory / "snapshot" / "metadata.json").exists():
+        return Snapshot.open(directory / "snapshot")
+    lock = await anyio.to_thread.run_sync(_lock, directory / ".lock")
+    try:
+        if (directory / "snapshot" / "metadata.json").exists():
+            return Snapshot.open(directory / "snapshot")
+        return await _bake(image, directory, cpus=cpus, memory_mib=memory_mib, boot_timeout=boot_timeout)
+    finally:
+        os.close(lock)
+
+
+def _lock(path: Path) -> int:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+# ---------------------------------------------------------------- the sandbox
+
+
+class Sandbox:
+    """A microVM running an OCI image, restored from the image's template.
+
+    Options are keyword-only and need no flags for the common case: ``cpus``
+    and ``memory_mib`` shape the VM; ``env``, ``workdir`` and ``user`` are
+    defaults for every command (on top of the image's Env, WorkingDir, User).
+    """
+
+    def __init__(
+        self,
+        image: str | Image,
+        *,
+        cpus: int = 1,
+        memory_mib: int = 512,
+        env: Mapping[str, str] | None = None,
+        workdir: str | None = None,
+        user: str | None = None,
+        boot_timeout: float = 30.0,
+    ) -> None:
+        self.image = image
+        self.cpus = cpus
+        self.memory_mib = memory_mib
+        self.env = dict(env or {})
+        self.workdir = workdir
+        self.user = user
+        self.boot_timeout = boot_timeout
+        self._source: Snapshot | None = None
+        self._machine: Machine | None = None
+        self._agent: AgentClient | None = None
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def __aenter__(self) -> Sandbox:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        if self._machine is not None:
+            raise CellvmError("the sandbox is already started")
+        if self._source is None:
+            image = self.image if isinstance(self.image, Image) else await pull(self.image)
+            self.image = image
+            self._source = await template_for(
+                image, cpus=self.cpus, memory_mib=self.memory_mib, boot_timeout=self.boot_timeout
+            )
+        await self._restore(self._source)
+
+    async def _restore(self, snapshot: Snapshot) -> None:
+        machine = await anyio.to_thread.run_sync(lambda: Machine.restore(snapshot, timeout=RESTORE_TIMEOUT))
+        try:
+            stream = await SocketStream.from_socket(machine.console_socket(CONSOLE_DEVICE))
+            agent = AgentClient(stream)
+            await agent.__aenter__()
+        except BaseException:
+            await anyio.to_thread.run_sync(machine.close)
+            raise
+        self._machine, self._agent = machine, agent
+        try:
+            # Before anything else runs: clones of one template must not share
+            # random numbers, and the template's clock is from when it was baked.
+            await agent.restored(os.urandom(64), time.time_ns())
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        agent, machine = self._agent, self._machine
+        self._agent = self._machine = None
+        try:
+            if agent is not None:
+                # Not under a shield: the agent's task group must be the
+                # innermost cancel scope when it exits (structured concurrency).
+                await agent.__aexit__(None, None, None)
+        finally:
+            if machine is not None:
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(machine.close)
+
+    @property
+    def machine(self) -> Machine:
+        if self._machine is None:
+            raise CellvmError("the sandbox is not started (use `async with Sandbox(...)`)")
+        return self._machine
+
+    @property
+    def _client(self) -> AgentClient:
+        if self._agent is None:
+            raise CellvmError("the sandbox is not started (use `async with Sandbox(...)`)")
+        return self._agent
+
+    def console(self) -> str:
+        """The guest's serial console so far (kernel messages, agent errors)."""
+        return _console(self.machine)
+
+    # ------------------------------------------------------------ commands
+
+    def _defaults(self, env: Mapping[str, str] | None, cwd: str | None, user: str | None) -> dict[str, Any]:
+        merged = {**self.env, **(env or {})}
+        return {"env": merged or None, "cwd": cwd or self.workdir, "user": user or self.user}
+
+    async def exec(
+        self,
+        *argv: str,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        stdin: bytes | str | None = None,
+        timeout: float | None = None,
+    ) -> CompletedProcess:
+        """Run a command to completion. A non-zero exit is a result; a missing
+        program raises CommandNotFound, a timeout ExecTimeout (the sandbox
+        stays usable), a VM that died SandboxCrashed."""
+        data = stdin.encode() if isinstance(stdin, str) else stdin
+        async with self._crash_as_error():
+            result = await self._client.exec(*argv, stdin=data, timeout=timeout, **self._defaults(env, cwd, user))
+        return CompletedProcess._from(result)
+
+    @asynccontextmanager
+    async def process(
+        self,
+        *argv: str,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        stdin: bool = False,
+        pty: bool = False,
+        timeout: float | None = None,
+    ) -> AsyncIterator[Process]:
+        """Start a command and stream it: ``async for chunk in p`` (chunks of
+        stdout/stderr), ``await p.stdin.send(...)``, ``await p.signal(...)``,
+        ``await p.wait()``."""
+        async with self._crash_as_error():
+            async with self._client.process(
+                *argv, stdin=stdin, pty=pty, timeout=timeout, **self._defaults(env, cwd, user)
+            ) as process:
+                yield process
+
+    @property
+    def files(self) -> AgentFiles:
+        """read / write / list / stat / mkdir / remove in the guest."""
+        return self._client.files
+
+    @asynccontextmanager
+    async def _crash_as_error(self) -> AsyncIterator[None]:
+        try:
+            yield
+        except AgentDisconnected as e:
+            machine = self._machine
+            if machine is not None:
+                # The channel closes when the VM stops: say why it stopped.
+                await anyio.sleep(0.05)
+                if machine.stopped:
+                    raise SandboxCrashed("the sandbox's VM stopped", console=_console(machine)) from e
+            raise
+
+    # ------------------------------------------------------------ snapshots
+
+    async def snapshot(self, path: str | os.PathLike[str] | None = None) -> Snapshot:
+        """Save this sandbox (memory, processes, files) as it is now; it keeps
+        running. Sandbox.from_snapshot() continues from it, any number of times."""
+        machine = self.machine
+        return await anyio.to_thread.run_sync(lambda: machine.snapshot(path, resume=True))
+
+    @classmethod
+    def from_snapshot(cls, snapshot: Snapshot | str | os.PathLike[str], **options: Any) -> Sandbox:
+        """A sandbox that continues from `snapshot` when entered."""
+        if not isinstance(snapshot, Snapshot):
+            snapshot = Snapshot.open(snapshot)
+        sandbox = cls(str(snapshot.path), **options)
+        sandbox._source = snapshot
+        return sandbox
+
+    async def fork(self, n: int) -> list[Sandbox]:
+        """`n` sandboxes that continue from this one's current state (which
+        keeps running). Enter each (``async with fork:``) to run it: every
+        sandbox owns a task group, so its lifetime is a block, not a call."""
+        if n < 1:
+            raise ValueError("fork needs n >= 1")
+        snapshot = await self.snapshot()
+        return [Sandbox.from_snapshot(snapshot, env=self.env, workdir=self.workdir, user=self.user) for _ in range(n)]
