@@ -27,7 +27,11 @@ def cache_dir() -> Path:
 @pytest.fixture(scope="session")
 def agent_binary() -> Path:
     """Runs the stage script (a no-op when the cached build matches the
-    sources), so the tests always exercise the current C code."""
+    sources), so the tests always exercise the current C code.
+    CELLVM_AGENT_BINARY overrides it (e.g. a sanitizer build)."""
+    override = os.environ.get("CELLVM_AGENT_BINARY")
+    if override:
+        return Path(override)
     proc = subprocess.run([str(STAGE)], capture_output=True, text=True, env={**os.environ, "REPO": str(REPO)})
     binary = cache_dir() / "agent" / "cellvm-agent"
     if proc.returncode != 0 or not binary.exists():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import time
 from pathlib import Path
 
@@ -76,6 +77,40 @@ async def test_oversized_frame_is_skipped(agent: AgentClient) -> None:
     assert any("unknown flags" in m for m in messages), messages
     assert all(isinstance(error, ProtocolError) for error in agent.connection_errors)
     assert (await agent.exec("echo", "fine")).stdout == b"fine\n"
+
+
+async def test_random_frames_do_not_hurt_the_agent(agent: AgentClient) -> None:
+    """Seeded junk: random headers' types, flags and ids, payloads of random
+    bytes or of plausible fields with random values. Only frame types that
+    cannot change anything on the host are used (no EXEC, writes, removes)."""
+    rng = random.Random(1234)
+    harmless = [MsgType.HELLO, MsgType.SIGNAL, MsgType.RESIZE, MsgType.CANCEL, MsgType.STDIN,
+                MsgType.FILE_DATA, MsgType.CREDIT, MsgType.STAT, MsgType.LIST, MsgType.FILE_READ,
+                MsgType.READY, MsgType.RESULT, MsgType.EXIT, 0, 7, 15, 37, 300, 0xFFFF]  # fmt: skip
+    tags = list(Field)
+
+    def random_payload() -> bytes:
+        if rng.random() < 0.3:
+            return rng.randbytes(rng.randrange(0, 64))
+        fields = []
+        for _ in range(rng.randrange(0, 6)):
+            tag = rng.choice(tags)
+            value = rng.choice([rng.randrange(-(2**63), 2**63), rng.randbytes(rng.randrange(0, 20)), "/proc/self/status"])
+            fields.append((tag, value))
+        encoded = encode_fields(fields)
+        return encoded[: rng.randrange(0, len(encoded) + 1)] if rng.random() < 0.2 else encoded
+
+    frames = bytearray()
+    for _ in range(3000):
+        # ids far above the client's own, so no reply lands on a real request
+        frame_id = rng.choice([0, rng.randrange(1_000_000, 1_000_100)])
+        flags = rng.choice([0, 0, 1, 2, 3, rng.randrange(0, 0x10000)])
+        payload = random_payload()
+        frames += HEADER.pack(len(payload), frame_id, rng.choice(harmless), flags) + payload
+    await agent.send_raw(bytes(frames))
+    info = await agent.hello()
+    assert info.version == PROTOCOL_VERSION
+    assert (await agent.exec("echo", "still fine")).stdout == b"still fine\n"
 
 
 async def test_closing_the_connection_ends_the_agent_and_its_processes(launch_agent: Launcher) -> None:
