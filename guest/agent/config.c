@@ -78,7 +78,7 @@ int config_load(const char *path)
 		if (!strcmp(rec, "env") && strchr(value, '='))
 			add_env(value);
 		else if (!strcmp(rec, "workdir"))
-			image.workdir = strdup(value);
+			image.workdir = *value ? strdup(value) : NULL; // empty: not set
 		else if (!strcmp(rec, "user"))
 			image.user = *value ? strdup(value) : NULL;
 		else if (!strcmp(rec, "hostname")) {

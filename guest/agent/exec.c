@@ -11,6 +11,7 @@
 #include "exec.h"
 
 #include <errno.h>
+#include <limits.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -296,8 +297,10 @@ void exec_before_poll(struct pollset *ps)
 			pollset_add(ps, p->err_fd, POLLIN, on_stderr, p);
 		if (p->in_fd >= 0 && p->in.len)
 			pollset_add(ps, p->in_fd, POLLOUT, on_stdin_writable, p);
-		if (p->deadline_ms)
-			pollset_timeout(ps, (int)(p->deadline_ms - now));
+		if (p->deadline_ms) {
+			int64_t left = p->deadline_ms - now;
+			pollset_timeout(ps, left > INT_MAX ? INT_MAX : (int)left);
+		}
 	}
 }
 

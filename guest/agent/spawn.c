@@ -98,7 +98,7 @@ int exec_request_parse(const uint8_t *payload, uint32_t len, struct exec_request
 	}
 	if (rq->uid < -1 || rq->uid > 0x7fffffff || rq->gid < -1 || rq->gid > 0x7fffffff ||
 	    rq->rows < 0 || rq->rows > 0xffff || rq->cols < 0 || rq->cols > 0xffff ||
-	    rq->timeout_ms < 0) {
+	    rq->timeout_ms < 0 || rq->timeout_ms > EXEC_MAX_TIMEOUT_MS) {
 		snprintf(why, why_len, "EXEC field out of range (uid, gid, rows, cols or timeout)");
 		return E_INVALID;
 	}

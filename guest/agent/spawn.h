@@ -10,6 +10,7 @@
 
 #define EXEC_MAX_ARGS 4096
 #define EXEC_MAX_ENV 4096
+#define EXEC_MAX_TIMEOUT_MS (365LL * 24 * 3600 * 1000) // keeps deadline arithmetic far from overflow
 
 struct exec_request {
 	char **argv; // NULL-terminated

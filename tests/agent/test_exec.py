@@ -150,6 +150,13 @@ async def test_timeout_kills_the_tree_and_agent_stays_usable(agent: AgentClient)
     assert (await agent.exec("echo", "still here")).stdout == b"still here\n"
 
 
+async def test_long_timeouts_and_bad_values(agent: AgentClient) -> None:
+    assert (await agent.exec("true", timeout=30 * 24 * 3600)).exit_code == 0  # a month: fine
+    with pytest.raises(ExecFailed) as info:
+        await agent.exec("true", timeout=10 * 365 * 24 * 3600)
+    assert info.value.code == "invalid"
+
+
 async def test_twenty_concurrent_execs(agent: AgentClient) -> None:
     results: dict[int, bytes] = {}
 
