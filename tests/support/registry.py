@@ -412,3 +412,25 @@ def sha256_file(path: Path) -> str:
         while block := file.read(1 << 20):
             hasher.update(block)
     return "sha256:" + hasher.hexdigest()
+
+
+def serve_test_images() -> None:
+    """`python tests/support/registry.py`: a registry with the test images until Ctrl-C, for trying
+    `cellvm pull node:24` by hand; prints the environment that points docker.io at it."""
+    import signal
+    import sys
+
+    import anyio
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "sdk"))
+    with start_registry() as registry:
+        anyio.run(push_test_images, registry)
+        print("export " + " ".join(f"{k}={v}" for k, v in registry.mirror_env().items()), flush=True)
+        print(f"# registry at {registry.url} with busybox, python:3.11, node:24; Ctrl-C stops it", flush=True)
+        # Blocked first, so either signal ends the wait and the registry is stopped on the way out.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+
+
+if __name__ == "__main__":
+    serve_test_images()
