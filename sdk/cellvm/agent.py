@@ -69,6 +69,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+# A frame the agent does not take within this long means it is gone.
+SEND_STALL_SECONDS = 30.0
+
 
 @dataclass(frozen=True, slots=True)
 class AgentInfo:
@@ -140,9 +143,10 @@ class AgentClient:
             reason = AgentError(f"agent client reader failed: {exc!r}")
             log.exception("agent client reader failed")
         finally:
-            self._closed = reason
+            if self._closed is None:
+                self._closed = reason
             for stream in list(self._streams.values()):
-                stream.fail(reason)
+                stream.fail(self._closed)
 
     def _route(self, frame: Frame) -> None:
         if frame.id == 0:
@@ -198,17 +202,40 @@ class AgentClient:
         if self._closed is not None:
             raise AgentDisconnected(f"agent connection is closed: {self._closed}")
         async with self._send_lock:
-            try:
-                await self._stream.send(data)
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
-                raise AgentDisconnected(f"cannot send to the agent: {exc}") from exc
+            # A frame goes out whole or the stream is out of sync for good, so
+            # a cancellation must not stop it halfway: the send is shielded,
+            # and one that stalls (an agent that stopped reading) breaks the
+            # connection instead of hanging its caller.
+            with anyio.CancelScope(shield=True):
+                error: AgentError | None = None
+                with anyio.move_on_after(SEND_STALL_SECONDS) as stall:
+                    try:
+                        await self._stream.send(data)
+                    except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+                        error = AgentDisconnected(f"cannot send to the agent: {exc}")
+                if stall.cancelled_caught:
+                    error = AgentDisconnected(f"the agent took no input for {SEND_STALL_SECONDS} s")
+                if error is not None:
+                    await self._break(error)
+                    raise error
+
+    async def _break(self, reason: AgentError) -> None:
+        """Ends the connection: every open request fails with ``reason``."""
+        if self._closed is None:
+            self._closed = reason
+        for stream in list(self._streams.values()):
+            stream.fail(reason)
+        await self._stream.aclose()
 
     async def _credit(self, stream: Stream, data_type: int, amount: int) -> None:
+        """Returns window for data the caller has taken. Shielded: a credit
+        lost to a cancellation would shrink the agent's window for good."""
         stream.credited(data_type, amount)
-        try:
-            await self.send_frame(MsgType.CREDIT, stream.id, encode_credit(data_type, amount))
-        except AgentDisconnected:
-            pass  # the stream's next read reports it
+        with anyio.CancelScope(shield=True):
+            try:
+                await self.send_frame(MsgType.CREDIT, stream.id, encode_credit(data_type, amount))
+            except AgentDisconnected:
+                pass  # the stream's next read reports it
 
     async def request(
         self, type: int, payload: bytes, *, context: ErrorContext = "other"

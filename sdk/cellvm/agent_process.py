@@ -162,10 +162,10 @@ class Process:
             frame = await self._stream.next_frame()
             if frame.type in (MsgType.STDOUT, MsgType.STDERR):
                 name: Literal["stdout", "stderr"] = "stdout" if frame.type == MsgType.STDOUT else "stderr"
-                chunk = OutputChunk(name, frame.payload)
-                if self._draining:
+                draining = self._draining
+                self._pending.append((OutputChunk(name, frame.payload), draining))
+                if draining:
                     await self._client._credit(self._stream, frame.type, len(frame.payload))
-                self._pending.append((chunk, self._draining))
             elif frame.type == MsgType.EXIT:
                 fields = Fields(frame.payload)
                 signo = fields.get_int(Field.SIGNAL)

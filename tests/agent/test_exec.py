@@ -220,6 +220,32 @@ async def test_leaving_process_block_kills_it(agent: AgentClient) -> None:
         os.kill(pid, 0)
 
 
+async def test_cancelled_reads_lose_no_output(agent: AgentClient, tmp_path: Path) -> None:
+    source = tmp_path / "data.bin"
+    source.write_bytes(os.urandom(4 << 20))
+    received = bytearray()
+    async with agent.process("cat", str(source)) as process:
+        while True:
+            with anyio.move_on_after(0.002) as scope:
+                async for chunk in process:
+                    received += chunk.data
+            if not scope.cancelled_caught:
+                break  # the iteration ran to its end
+    assert bytes(received) == source.read_bytes()
+
+
+async def test_cancelled_sends_keep_the_connection_in_sync(agent: AgentClient) -> None:
+    async with agent.process("sh", "-c", "cat > /dev/null; echo done", stdin=True) as process:
+        for _ in range(20):
+            with anyio.move_on_after(0.005):
+                await process.stdin.send(os.urandom(1 << 20))
+        await process.stdin.close()
+        output = b"".join([chunk.data async for chunk in process])
+        assert (await process.wait()).exit_code == 0
+    assert output == b"done\n"
+    assert (await agent.exec("echo", "in sync")).stdout == b"in sync\n"
+
+
 async def test_pty(agent: AgentClient) -> None:
     result = await agent.exec(
         "sh", "-c", "test -t 0 && test -t 1 && test -t 2 && echo tty; stty size; echo $TERM", pty=True
