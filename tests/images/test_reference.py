@@ -36,8 +36,6 @@ def test_identifier_prefers_the_digest_and_familiar_form_shortens_docker_hub() -
     assert parse_reference("node:24").identifier == "24"
     assert parse_reference("docker.io/library/node:24").familiar == "node:24"
     assert parse_reference("127.0.0.1:5000/x:1").familiar == "127.0.0.1:5000/x:1"
-    assert parse_reference("127.0.0.1:5000/x").is_localhost
-    assert not parse_reference("ghcr.io/x").is_localhost
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,6 @@ OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
 
 MANIFEST_TYPES = (OCI_MANIFEST, DOCKER_MANIFEST)
@@ -65,14 +64,6 @@ class Descriptor:
         except (KeyError, TypeError, ValueError) as exc:
             raise ImageError(f"malformed descriptor {data!r}: {exc}") from exc
 
-    def to_json(self) -> dict[str, Any]:
-        data: dict[str, Any] = {"mediaType": self.media_type, "digest": self.digest, "size": self.size}
-        if self.platform:
-            data["platform"] = self.platform.to_json()
-        if self.annotations:
-            data["annotations"] = self.annotations
-        return data
-
 
 @dataclass(frozen=True)
 class Platform:
@@ -91,12 +82,6 @@ class Platform:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Platform:
         return cls(str(data.get("os", "")), str(data.get("architecture", "")), data.get("variant"))
-
-    def to_json(self) -> dict[str, Any]:
-        data = {"os": self.os, "architecture": self.architecture}
-        if self.variant:
-            data["variant"] = self.variant
-        return data
 
     def matches(self, other: Platform) -> bool:
         return (

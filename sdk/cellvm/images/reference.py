@@ -50,14 +50,6 @@ class Reference:
         """What to ask the registry's manifest endpoint for: the digest if pinned, else the tag."""
         return self.digest or self.tag or "latest"
 
-    @property
-    def is_localhost(self) -> bool:
-        host = self.registry.rsplit(":", 1)[0] if not self.registry.startswith("[") else self.registry
-        return host in ("localhost", "127.0.0.1", "[::1]") or host.startswith("127.")
-
-    def with_digest(self, digest: str) -> Reference:
-        return Reference(self.registry, self.repository, self.tag, digest)
-
     def __str__(self) -> str:
         text = self.name
         if self.tag:
