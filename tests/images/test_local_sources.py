@@ -47,3 +47,22 @@ async def test_layouts_and_archives_written_by_skopeo(
     archive_root = extract_rootfs(from_archive, tmp_path / "b")
     assert sorted(p.name for p in (registry_root / "bin").iterdir()) == sorted(p.name for p in (archive_root / "bin").iterdir())
     assert (registry_root / "bin" / "busybox").read_bytes() == (archive_root / "bin" / "busybox").read_bytes()
+
+
+async def test_docker_schema2_manifests_and_manifest_lists(
+    mirror_env: Registry, images_dir: Path, store: ImageStore, tmp_path: Path
+) -> None:
+    # skopeo rewrites our OCI images as Docker v2 schema 2 (and the index as a manifest list).
+    skopeo("copy", "--all", "--format", "v2s2", "--dest-tls-verify=false",
+           f"oci:{images_dir / 'multiarch'}:latest", f"docker://{mirror_env.host}/cellvm-test/multiarch-docker:latest")  # fmt: skip
+    skopeo("copy", "--format", "v2s2", "--dest-tls-verify=false",
+           f"oci:{images_dir / 'config'}:workdir-env", f"docker://{mirror_env.host}/cellvm-test/config-docker:latest")  # fmt: skip
+    arm64 = await pull("cellvm-test/multiarch-docker", store=store, platform="linux/arm64")
+    assert (extract_rootfs(arm64, tmp_path / "arm64") / "arch").read_text() == "arm64"
+    documents = [p.read_bytes() for p in store.blobs.blobs_dir.iterdir() if p.stat().st_size < 4096]
+    assert any(b"application/vnd.docker.distribution.manifest.list.v2+json" in d for d in documents)
+    image = await pull("cellvm-test/config-docker", store=store)
+    assert image.config.working_dir == "/home/app" and image.config.env["B"] == "x=y"
+    manifest = store.blobs.read_bytes(image.digest).decode()
+    assert "application/vnd.docker.distribution.manifest.v2+json" in manifest
+    assert "application/vnd.docker.image.rootfs.diff.tar.gzip" in manifest
