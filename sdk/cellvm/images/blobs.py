@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
@@ -33,6 +34,18 @@ class BlobSource(Protocol):
     def open(self, digest: str, offset: int) -> AbstractAsyncContextManager[tuple[AsyncIterator[bytes], int]]:
         """Stream ``digest`` from ``offset``; yields (chunks, offset actually served)."""
         ...
+
+
+def atomic_write(path: Path, data: bytes, tmp_dir: Path) -> None:
+    """Write ``data`` to ``path`` so readers see all of it or nothing, even with concurrent writers."""
+    fd, tmp = tempfile.mkstemp(dir=tmp_dir, prefix=path.name + ".")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
 def hex_of(digest: str) -> str:
@@ -66,9 +79,7 @@ class BlobStore:
         final = self.path(digest)
         if not final.exists():
             self._make_dirs()
-            tmp = self.tmp_dir / f"{hex_of(digest)}.{os.getpid()}.small"
-            tmp.write_bytes(data)
-            os.replace(tmp, final)
+            atomic_write(final, data, self.tmp_dir)
         return final
 
     def _make_dirs(self) -> None:
@@ -107,6 +118,7 @@ class BlobStore:
             delays = retry.delays()
             failures = 0
             while True:
+                length_before = partial.length
                 try:
                     await self._stream_into(digest, size, source, partial, on_progress)
                     break
@@ -118,6 +130,8 @@ class BlobStore:
                     if isinstance(exc, RangeNotSatisfiable):
                         on_progress(-partial.length)
                         await anyio.to_thread.run_sync(partial.truncate)
+                    if partial.length > length_before:
+                        failures = 0  # it was making progress: a flaky link, not a dead registry
                     if failures == len(delays):
                         raise RegistryUnavailable(
                             f"blob {digest}: {describe_transport_error(exc)} (after {retry.attempts} tries;"

@@ -159,7 +159,8 @@ async def _build(
         staging = store.blobs.tmp_dir / f"build-{resolved.digest.split(':')[1]}-{os.getpid()}"
         try:
             config = await build_image(store, resolved.digest, staging, fmt)
-            store.publish_rootfs(staging, resolved.digest, fmt, config, [d.digest for d in resolved.manifest.layers])
+            layers = [d.digest for d in resolved.manifest.layers]
+            await anyio.to_thread.run_sync(store.publish_rootfs, staging, resolved.digest, fmt, config, layers)
         finally:
             if staging.exists():
                 await anyio.to_thread.run_sync(lambda: shutil.rmtree(staging, ignore_errors=True))

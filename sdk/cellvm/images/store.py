@@ -24,7 +24,7 @@ from typing import Any
 import anyio
 
 from cellvm.errors import ImageNotFound
-from cellvm.images.blobs import BlobStore, hex_of
+from cellvm.images.blobs import BlobStore, atomic_write, hex_of
 from cellvm.images.config import ImageConfig
 from cellvm.images.locks import file_lock
 
@@ -93,9 +93,20 @@ class ImageStore:
         )
 
     def publish_rootfs(self, staging: Path, digest: str, fmt: str, config: ImageConfig, layers: list[str]) -> None:
-        """Move a finished staging dir (holding rootfs.<fmt>) into place with image.json."""
+        """Move a finished staging dir (holding rootfs.<fmt>) into place with image.json.
+
+        Blocking (it fsyncs the image: a rootfs that a power cut left half-written
+        under its final name would fail guests in ways nobody could trace).
+        """
         meta: dict[str, Any] = {"digest": digest, "config": config.to_json(), "layers": layers, "created": time.time()}
+        (staging / "config.json").unlink(missing_ok=True)
         (staging / "image.json").write_text(json.dumps(meta, indent=2))
+        for name in (f"rootfs.{fmt}", "image.json"):
+            fd = os.open(staging / name, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         target = self.rootfs_path(digest, fmt)
         target.parent.mkdir(parents=True, exist_ok=True)
         if target.exists():  # a concurrent builder won the race; theirs is as good as ours
@@ -107,12 +118,9 @@ class ImageStore:
 
     def record(self, name: str, digest: str, fmt: str, documents: list[str]) -> None:
         self.refs_dir.mkdir(parents=True, exist_ok=True)
-        path = self._ref_path(name)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(
-                {"name": name, "digest": digest, "format": fmt, "documents": documents, "pulled_at": time.time()}
-            ))
-        os.replace(tmp, path)
+        self.blobs.tmp_dir.mkdir(parents=True, exist_ok=True)
+        entry = {"name": name, "digest": digest, "format": fmt, "documents": documents, "pulled_at": time.time()}
+        atomic_write(self._ref_path(name), json.dumps(entry).encode(), self.blobs.tmp_dir)
 
     def _refs(self) -> list[dict[str, Any]]:
         refs = []
