@@ -58,6 +58,10 @@ def apply(root: Path, *layers: list[Entry], keep_ownership: bool | None = None) 
             [[Entry("d", "dir"), Entry("d/up", "symlink", target="../.."), Entry("d/up/outside/secret", data=b"x")]],
             id="through-relative-symlink-chain",
         ),
+        pytest.param(
+            [[Entry("x", "dir"), Entry("x/a", data=b"a"), Entry("x", "symlink", target="../../outside"), Entry("x/secret", data=b"x")]],
+            id="directory-replaced-by-symlink-mid-layer",
+        ),
         pytest.param([[Entry("link", "hardlink", target="../outside/secret")]], id="hardlink-dotdot"),
         pytest.param([[Entry("link", "hardlink", target="/etc/passwd")]], id="hardlink-absolute"),
         pytest.param(

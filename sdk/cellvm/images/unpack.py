@@ -81,6 +81,11 @@ class LayerApplier:
         self.root = os.fspath(root)
         self.keep_ownership = os.geteuid() == 0 if keep_ownership is None else keep_ownership
         self.stats = UnpackStats(ownership_kept=self.keep_ownership)
+        # Entry parent (as named in the tar) -> resolved parent that exists as a directory.
+        # Only symlinks change how a path resolves, so creating or removing a symlink (or a
+        # directory that may hold some) forgets it all; layers list siblings together, so
+        # most entries hit.
+        self._parents: dict[tuple[str, ...], list[str]] = {}
 
     # -- path resolution -------------------------------------------------------------
 
@@ -149,7 +154,9 @@ class LayerApplier:
                 parts = clean_name(member.name)
                 if not parts:
                     continue  # the root directory's own entry: its metadata is the image's concern, not ours
-                parent = self._resolve(parts[:-1])
+                key = tuple(parts[:-1])
+                known = self._parents.get(key)
+                parent = known if known is not None else self._resolve(parts[:-1])
                 base = parts[-1]
                 if base == OPAQUE_MARKER:
                     self._make_opaque(parent, created)
@@ -160,7 +167,9 @@ class LayerApplier:
                         raise UnsafeLayer(f"malformed whiteout {member.name!r}")
                     self._remove(self._path(parent + [hidden]))
                     continue
-                self._ensure_directories(parent)
+                if known is None:
+                    self._ensure_directories(parent)
+                    self._parents[key] = parent
                 target = parent + [base]
                 created.add("/".join(target))
                 self._extract(archive, member, target, directories)
@@ -187,7 +196,7 @@ class LayerApplier:
             existing = None
         if member.isdir():
             if existing and not stat.S_ISDIR(existing.st_mode):
-                os.unlink(path)
+                self._remove(path)
                 existing = None
             if existing is None:
                 os.mkdir(path, 0o755)
@@ -202,6 +211,7 @@ class LayerApplier:
                 shutil.copyfileobj(source, out, 1 << 20)
         elif member.issym():
             os.symlink(member.linkname, path)
+            self._parents.clear()
         elif member.islnk():
             link_parts = clean_name(member.linkname)
             if not link_parts:
@@ -253,8 +263,11 @@ class LayerApplier:
             return
         if stat.S_ISDIR(st.st_mode):
             shutil.rmtree(path)
+            self._parents.clear()
         else:
             os.unlink(path)
+            if stat.S_ISLNK(st.st_mode):
+                self._parents.clear()
 
     def _make_opaque(self, parent: list[str], created: set[str]) -> None:
         """Remove what lower layers put under ``parent``; keep this layer's entries and their ancestors."""
