@@ -107,3 +107,25 @@ async def test_two_processes_pull_one_image_at_once(own_registry: Registry, tmp_
     assert len(list(store.rootfs_dir.iterdir())) == 1
     assert not list(store.blobs.tmp_dir.glob("*.partial"))
     assert_cache_valid(store)
+
+
+async def test_an_unsafe_layer_fails_the_pull_and_leaves_nothing_behind(store: ImageStore, tmp_path: Path) -> None:
+    from testimages import Entry, Layout, compress, tar_entries
+
+    from cellvm.errors import UnsafeLayer
+    from cellvm.images.build import UNPACK_PREFIX
+
+    layout = Layout(tmp_path / "evil")
+    layers = [
+        compress(tar_entries([Entry("ok", data=b"fine")])),
+        compress(tar_entries([Entry("escape", "symlink", target="../../.."), Entry("escape/tmp/pwned", data=b"x")])),
+    ]
+    layout.tag(layout.add_image(layers, {"Cmd": ["/ok"]}), "latest")
+    with pytest.raises(UnsafeLayer):
+        await pull(f"oci:{tmp_path / 'evil'}:latest", store=store)
+    assert not Path("/tmp/pwned").exists()
+    assert not list(store.rootfs_dir.glob("*")) if store.rootfs_dir.exists() else True
+    scratch_dirs = (Path("/dev/shm"), store.blobs.tmp_dir)
+    leftovers = [tree for directory in scratch_dirs for tree in directory.glob(f"{UNPACK_PREFIX}*-{os.getpid()}")]
+    assert leftovers == []
+    assert_cache_valid(store)

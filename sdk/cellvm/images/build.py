@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import anyio
@@ -23,39 +24,89 @@ from cellvm.images.config import ImageConfig, image_config_from_json
 from cellvm.images.manifest import Manifest, parse_manifest_or_index
 from cellvm.images.rootfs import RootfsFormat, build_rootfs
 from cellvm.images.store import ImageStore
-from cellvm.images.unpack import apply_layers
+from cellvm.images.unpack import LayerApplier
 
 UNPACK_PREFIX = "cellvm-unpack-"
 
 
-async def build_image(store: ImageStore, manifest_digest: str, staging: Path, fmt: RootfsFormat) -> ImageConfig:
-    """Unpack ``manifest_digest``'s layers (all in the blob cache) and write staging/rootfs.<fmt>."""
+async def _arrived(digest: str) -> None:
+    """The default for build_image: every blob is already in the cache."""
+
+
+async def build_image(
+    store: ImageStore,
+    manifest_digest: str,
+    staging: Path,
+    fmt: RootfsFormat,
+    *,
+    wait_for: Callable[[str], Awaitable[None]] = _arrived,
+) -> ImageConfig:
+    """Unpack ``manifest_digest``'s layers and write staging/rootfs.<fmt>.
+
+    ``wait_for(digest)`` returns once that blob is in the cache: layers are
+    unpacked in order as their downloads finish, overlapping the rest of the
+    download (a fakeroot build starts when everything is here).
+    """
+    manifest = parse_manifest_or_index(store.blobs.read_bytes(manifest_digest))
+    assert isinstance(manifest, Manifest)
     fakeroot = shutil.which("fakeroot")
-    if os.geteuid() == 0 or fakeroot is None:
-        return await anyio.to_thread.run_sync(build_blocking, store, manifest_digest, staging, fmt)
-    command = [fakeroot, "--", sys.executable, "-m", "cellvm.images.build", str(store.root), manifest_digest, str(staging), fmt]
-    result = await anyio.run_process(command, check=False)
-    if result.returncode != 0:
-        raise ImageError(f"building the rootfs under fakeroot failed: {result.stderr.decode(errors='replace')[-2000:]}")
-    return ImageConfig.from_json(json.loads((staging / "config.json").read_text()))
+    if os.geteuid() != 0 and fakeroot is not None:
+        for descriptor in (*manifest.layers, manifest.config):
+            await wait_for(descriptor.digest)
+        command = [fakeroot, "--", sys.executable, "-m", "cellvm.images.build", str(store.root), manifest_digest, str(staging), fmt]
+        result = await anyio.run_process(command, check=False)
+        if result.returncode != 0:
+            raise ImageError(f"building the rootfs under fakeroot failed: {result.stderr.decode(errors='replace')[-2000:]}")
+        return ImageConfig.from_json(json.loads((staging / "config.json").read_text()))
+
+    builder = await anyio.to_thread.run_sync(TreeBuilder, store, manifest, manifest_digest, staging, fmt)
+    try:
+        for layer in manifest.layers:
+            await wait_for(layer.digest)
+            await anyio.to_thread.run_sync(builder.apply, layer.digest)
+        await wait_for(manifest.config.digest)
+        return await anyio.to_thread.run_sync(builder.finish)
+    finally:
+        with anyio.CancelScope(shield=True):  # a cancelled pull must not leave the tree on tmpfs
+            await anyio.to_thread.run_sync(builder.discard)
+
+
+class TreeBuilder:
+    """One rootfs in the making (blocking methods, for a worker thread): layers are applied to a
+    scratch tree one by one, then the config is resolved and the filesystem image written."""
+
+    def __init__(self, store: ImageStore, manifest: Manifest, manifest_digest: str, staging: Path, fmt: RootfsFormat) -> None:
+        if staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir(parents=True)
+        self.store, self.manifest, self.staging, self.fmt = store, manifest, staging, fmt
+        self.tree = unpack_directory(store, sum(layer.size for layer in manifest.layers), manifest_digest)
+        self.applier = LayerApplier(self.tree)
+
+    def apply(self, layer_digest: str) -> None:
+        self.applier.apply(self.store.blobs.path(layer_digest))
+
+    def finish(self) -> ImageConfig:
+        config = image_config_from_json(self.store.blobs.read_bytes(self.manifest.config.digest), self.tree)
+        build_rootfs(self.tree, self.staging / f"rootfs.{self.fmt}", self.fmt)
+        (self.staging / "config.json").write_text(json.dumps(config.to_json()))
+        return config
+
+    def discard(self) -> None:
+        shutil.rmtree(self.tree, ignore_errors=True)
 
 
 def build_blocking(store: ImageStore, manifest_digest: str, staging: Path, fmt: RootfsFormat) -> ImageConfig:
+    """The whole build in one call, every blob already cached (the fakeroot child runs this)."""
     manifest = parse_manifest_or_index(store.blobs.read_bytes(manifest_digest))
     assert isinstance(manifest, Manifest)
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
-    layers = manifest.layers
-    tree = unpack_directory(store, sum(layer.size for layer in layers), manifest_digest)
+    builder = TreeBuilder(store, manifest, manifest_digest, staging, fmt)
     try:
-        apply_layers(tree, [store.blobs.path(layer.digest) for layer in layers])
-        config = image_config_from_json(store.blobs.read_bytes(manifest.config.digest), tree)
-        build_rootfs(tree, staging / f"rootfs.{fmt}", fmt)
+        for layer in manifest.layers:
+            builder.apply(layer.digest)
+        return builder.finish()
     finally:
-        shutil.rmtree(tree, ignore_errors=True)
-    (staging / "config.json").write_text(json.dumps(config.to_json()))
-    return config
+        builder.discard()
 
 
 def unpack_directory(store: ImageStore, compressed_size: int, digest: str) -> Path:

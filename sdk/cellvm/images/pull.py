@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import anyio
@@ -54,8 +54,7 @@ async def pull(
         cached = store.load_image(source.name, resolved.digest, rootfs_format)
         await _store_documents(store, resolved)
         if cached is None:
-            await _fetch_blobs(store, source, resolved, reporter, retry)
-            cached = await _build(store, source.name, resolved, rootfs_format, reporter)
+            cached = await _fetch_and_build(store, source, resolved, rootfs_format, reporter, retry)
         else:
             for layer in resolved.manifest.layers:
                 reporter.layer_cached(layer.digest, layer.size)
@@ -111,10 +110,23 @@ async def _store_documents(store: ImageStore, resolved: ResolvedManifest) -> Non
 
 
 async def _fetch_blobs(
-    store: ImageStore, source: ImageSource, resolved: ResolvedManifest, reporter: PullReporter, retry: RetryPolicy
+    store: ImageStore,
+    source: ImageSource,
+    resolved: ResolvedManifest,
+    reporter: PullReporter,
+    retry: RetryPolicy,
+    *,
+    also: Callable[[Callable[[str], Awaitable[None]]], Awaitable[None]] | None = None,
 ) -> None:
+    """Fetch config and layers concurrently; ``also(wait_for)`` runs alongside, able to wait for
+    any one blob to arrive. The first failure, of a download or of ``also``, cancels the rest
+    (partial downloads stay for the next pull) and is raised as itself, not in an exception group."""
     limiter = anyio.Semaphore(MAX_PARALLEL_BLOBS)
+    arrived = {d.digest: anyio.Event() for d in (resolved.manifest.config, *resolved.manifest.layers)}
     failures: list[Exception] = []
+
+    async def wait_for(digest: str) -> None:
+        await arrived[digest].wait()
 
     async def fetch(descriptor: Descriptor, is_layer: bool, group: anyio.abc.TaskGroup) -> None:
         try:
@@ -129,41 +141,60 @@ async def _fetch_blobs(
                     on_progress=(lambda n: reporter.layer_advanced(descriptor.digest, n)) if is_layer else None,
                 )
         except Exception as exc:
-            # The first failure stops the other downloads (their partial files stay for the
-            # next pull) and is raised as itself, not wrapped in an exception group.
             failures.append(exc)
             group.cancel_scope.cancel()
             return
+        arrived[descriptor.digest].set()
         if is_layer:
             if moved:
                 reporter.layer_finished(descriptor.digest)
             else:
                 reporter.layer_cached(descriptor.digest, descriptor.size)
 
+    async def run_also(group: anyio.abc.TaskGroup) -> None:
+        assert also is not None
+        try:
+            await also(wait_for)
+        except Exception as exc:
+            failures.append(exc)
+            group.cancel_scope.cancel()
+
     async with anyio.create_task_group() as group:
         group.start_soon(fetch, resolved.manifest.config, False, group)
         for layer in resolved.manifest.layers:
             group.start_soon(fetch, layer, True, group)
+        if also is not None:
+            group.start_soon(run_also, group)
     if failures:
         raise failures[0]
 
 
-async def _build(
-    store: ImageStore, name: str, resolved: ResolvedManifest, fmt: RootfsFormat, reporter: PullReporter
+async def _fetch_and_build(
+    store: ImageStore,
+    source: ImageSource,
+    resolved: ResolvedManifest,
+    fmt: RootfsFormat,
+    reporter: PullReporter,
+    retry: RetryPolicy,
 ) -> Image:
-    async with file_lock(store.blobs.locks_dir / f"rootfs-{resolved.digest.split(':')[1]}.lock"):
-        image = store.load_image(name, resolved.digest, fmt)
-        if image is not None:  # built by a concurrent pull while we waited for the lock
-            return image
-        reporter.building(fmt)
-        staging = store.blobs.tmp_dir / f"build-{resolved.digest.split(':')[1]}-{os.getpid()}"
-        try:
-            config = await build_image(store, resolved.digest, staging, fmt)
-            layers = [d.digest for d in resolved.manifest.layers]
-            await anyio.to_thread.run_sync(store.publish_rootfs, staging, resolved.digest, fmt, config, layers)
-        finally:
-            if staging.exists():
-                await anyio.to_thread.run_sync(lambda: shutil.rmtree(staging, ignore_errors=True))
-    image = store.load_image(name, resolved.digest, fmt)
+    """Download and build at once: each layer is unpacked as soon as it and those below it are here."""
+    digest_hex = resolved.digest.split(":")[1]
+
+    async def build(wait_for: Callable[[str], Awaitable[None]]) -> None:
+        async with file_lock(store.blobs.locks_dir / f"rootfs-{digest_hex}.lock"):
+            if store.load_image(source.name, resolved.digest, fmt) is not None:
+                return  # built by a concurrent pull while we waited for the lock
+            reporter.building(fmt)
+            staging = store.blobs.tmp_dir / f"build-{digest_hex}-{os.getpid()}"
+            try:
+                config = await build_image(store, resolved.digest, staging, fmt, wait_for=wait_for)
+                layers = [d.digest for d in resolved.manifest.layers]
+                await anyio.to_thread.run_sync(store.publish_rootfs, staging, resolved.digest, fmt, config, layers)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(lambda: shutil.rmtree(staging, ignore_errors=True))
+
+    await _fetch_blobs(store, source, resolved, reporter, retry, also=build)
+    image = store.load_image(source.name, resolved.digest, fmt)
     assert image is not None
     return image
