@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import IO, Protocol
 
 import anyio
 
@@ -232,7 +232,7 @@ class DockerArchiveSource:
         yield chunks(), offset
 
 
-def _member(archive: tarfile.TarFile, name: str):  # type: ignore[no-untyped-def]
+def _member(archive: tarfile.TarFile, name: str) -> IO[bytes]:
     file = archive.extractfile(os.path.normpath(name))
     if file is None:
         raise ImageError(f"{name} is not a file in the archive")
