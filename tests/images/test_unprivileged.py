@@ -29,17 +29,42 @@ def world_dir() -> Iterator[Path]:
     shutil.rmtree(directory, ignore_errors=True)
 
 
-def unprivileged(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    """Run as the current user if that is not root, else as nobody with a Python nobody can execute."""
+def importable_copy(destination: Path) -> Path:
+    """cellvm and the packages it imports, copied where nobody can read them: the repository and
+    the venv may sit under a directory only root can enter (/root/...)."""
+    import cellvm.cli  # noqa: F401 - loads everything `cellvm pull` needs
+
+    destination.mkdir()
+    shutil.copytree(REPO / "sdk" / "cellvm", destination / "cellvm", ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    site_dirs = {Path(p).resolve() for p in (sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"])}
+    for name, module in list(sys.modules.items()):
+        origin = getattr(module, "__file__", None)
+        if name.startswith("cellvm.") and origin and not Path(origin).resolve().is_relative_to(REPO / "sdk"):
+            shutil.copy2(origin, destination / "cellvm" / Path(origin).name)  # a built extension (editable install)
+            continue
+        if "." in name or not origin or not any(Path(origin).resolve().is_relative_to(d) for d in site_dirs):
+            continue
+        source = Path(origin)
+        if source.name == "__init__.py":
+            shutil.copytree(source.parent, destination / source.parent.name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(source, destination / source.name)
+    for path in destination.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return destination
+
+
+def unprivileged(argv: list[str], env: dict[str, str], world: Path) -> subprocess.CompletedProcess[str]:
+    """Run as the current user if that is not root, else as nobody."""
     if os.geteuid() != 0:
         return subprocess.run([sys.executable, *argv], env=env, capture_output=True, text=True, timeout=120)
     setpriv = shutil.which("setpriv")
     assert setpriv, "setpriv is missing (util-linux)"
-    # The venv's interpreter may live under /root; Debian's python3 of the same version with the
-    # venv's packages on its path runs the same code as nobody.
+    # The venv's interpreter may live under /root too: Debian's python3 (the same 3.x, so the
+    # copied C extensions load) runs the copied code as nobody.
     python = "/usr/bin/python3"
     assert os.path.exists(python), "/usr/bin/python3 is missing (Debian package python3)"
-    env = {**env, "PYTHONPATH": f"{REPO / 'sdk'}:{sysconfig.get_paths()['purelib']}:{sysconfig.get_paths()['platlib']}"}
+    env = {**env, "PYTHONPATH": str(importable_copy(world / "python"))}
     command = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", python, *argv]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
 
@@ -63,7 +88,7 @@ def test_unprivileged_build_keeps_ownership_devices_and_xattrs(world_dir: Path) 
         path.chmod(0o777 if path.is_dir() else 0o666)
 
     env = {"PATH": os.environ["PATH"], "HOME": str(world_dir), "CELLVM_CACHE": str(world_dir / "cache")}
-    result = unprivileged(["-m", "cellvm.cli", "pull", f"oci:{world_dir / 'layout'}:latest"], env)
+    result = unprivileged(["-m", "cellvm.cli", "pull", f"oci:{world_dir / 'layout'}:latest"], env, world_dir)
     assert result.returncode == 0, result.stderr
     image = ImageStore(world_dir / "cache" / "images").lookup(f"oci:{world_dir / 'layout'}:latest")
     assert image is not None
