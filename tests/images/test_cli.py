@@ -57,7 +57,8 @@ def test_errors_are_one_line_and_exit_1(mirror_env: Registry, tmp_path: Path) ->
 def test_pull_shows_a_progress_bar_per_layer_on_a_terminal(mirror_env: Registry, tmp_path: Path) -> None:
     import pty
 
-    env = {**os.environ, "CELLVM_CACHE": str(tmp_path / "cache"), "COLUMNS": "120", "TERM": "xterm"}
+    env = {**os.environ, "CELLVM_CACHE": str(tmp_path / "cache"), "COLUMNS": "120", "TERM": "xterm",
+           "LANG": "C.UTF-8", "PYTHONIOENCODING": "utf-8"}  # fmt: skip
     controller, terminal = pty.openpty()
     process = subprocess.Popen(
         [sys.executable, "-m", "cellvm.cli", "pull", "node:24"], env=env, stdout=subprocess.PIPE, stderr=terminal
