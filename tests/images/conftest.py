@@ -9,6 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # makes `support` importable
 
+from imagehelpers import isolate_config  # noqa: E402
 from support.registry import Registry, test_images_dir, test_images_registry  # noqa: E402
 
 from cellvm.images import ImageStore  # noqa: E402
@@ -36,13 +37,6 @@ def mirror_env(registry: Registry, monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     for key, value in registry.mirror_env().items():
         monkeypatch.setenv(key, value)
     return registry
-
-
-def isolate_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("CELLVM_REGISTRIES_CONFIG", str(tmp_path / "no-registries.toml"))
-    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "no-docker-config"))
-    monkeypatch.setenv("CELLVM_REGISTRY_FALLBACK", "0")
-    monkeypatch.delenv("CELLVM_REGISTRY_MIRRORS", raising=False)
 
 
 @pytest.fixture

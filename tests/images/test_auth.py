@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import isolate_config
+from imagehelpers import isolate_config
 from support.registry import Registry, push_test_images, start_registry
 
 from cellvm.errors import AuthenticationError

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import anyio
 import pytest
-from conftest import isolate_config
-from helpers import CountingReporter, assert_cache_valid
+from imagehelpers import CountingReporter, assert_cache_valid, isolate_config
 from support.registry import Registry, push_test_images, start_registry
 
 from cellvm.errors import DigestMismatch, ImageNotFound, RegistryUnavailable

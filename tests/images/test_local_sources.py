@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import extract_rootfs
+from imagehelpers import extract_rootfs
 from support.registry import Registry
 
 from cellvm.errors import ImageNotFound

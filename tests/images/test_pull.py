@@ -7,7 +7,7 @@ import stat
 from pathlib import Path
 
 import pytest
-from helpers import CountingReporter, assert_cache_valid, erofs_inode, extract_rootfs
+from imagehelpers import CountingReporter, assert_cache_valid, erofs_inode, extract_rootfs
 from support.registry import Registry
 
 from cellvm.errors import ImageError

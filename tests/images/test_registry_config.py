@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import isolate_config
+from imagehelpers import isolate_config
 from support.registry import Registry, free_port
 
 from cellvm.errors import RegistryUnavailable

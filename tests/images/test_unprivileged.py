@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import erofs_inode
+from imagehelpers import erofs_inode
 from testimages import Entry, Layout, compress, tar_entries
 
 from cellvm.images import ImageStore

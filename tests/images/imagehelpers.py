@@ -8,6 +8,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from cellvm.images import Image, ImageStore, PullReporter
 
 
@@ -60,3 +62,10 @@ class CountingReporter(PullReporter):
 
     def building(self, fmt: str) -> None:
         self.built = True
+
+
+def isolate_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("CELLVM_REGISTRIES_CONFIG", str(tmp_path / "no-registries.toml"))
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "no-docker-config"))
+    monkeypatch.setenv("CELLVM_REGISTRY_FALLBACK", "0")
+    monkeypatch.delenv("CELLVM_REGISTRY_MIRRORS", raising=False)
