@@ -10,6 +10,10 @@ if [ -f "$target/images.json" ]; then
   echo "test-images: up to date ($target)"
 else
   mkdir -p "$root"
+  for tool in debootstrap npm busybox; do
+    command -v "$tool" >/dev/null || { echo "test-images: $tool is missing (see scripts/apt/images.txt; npm comes with nodejs here)" >&2; exit 1; }
+  done
+  [ "$(id -u)" = 0 ] || { echo "test-images: debootstrap and chroot need root" >&2; exit 1; }
   PYTHONPATH="$REPO/sdk" "$PY" "$builder" "$target"
   # older builds are dead weight once a new one exists
   find "$root" -mindepth 1 -maxdepth 1 -type d ! -name "$hash" -exec rm -rf {} +
