@@ -2,6 +2,7 @@
 # OCI layouts of the test images (busybox, python:3.11, node:24 and small synthetic ones)
 # under $CELLVM_CACHE/test-images/<hash of the builder>, plus a "current" symlink to it.
 set -euo pipefail
+export PATH="$PATH:/usr/sbin:/sbin"   # debootstrap and chroot live there
 builder="$REPO/tests/images/testimages.py"
 hash=$(cat "$builder" | sha256sum | cut -c1-16)
 root="$CELLVM_CACHE/test-images"
