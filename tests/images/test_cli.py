@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -81,3 +82,16 @@ def test_pull_shows_a_progress_bar_per_layer_on_a_terminal(mirror_env: Registry,
     assert "━" in text and "verified" in text
     assert text.count("MB") >= 2, "each of the two layers has its own bar"
     assert "rootfs.erofs:" in text
+
+
+def test_pull_options_platform_and_format(mirror_env: Registry, tmp_path: Path) -> None:
+    env = {**os.environ, "CELLVM_CACHE": str(tmp_path / "cache")}
+    pulled = cellvm(env, "pull", "--platform", "linux/arm64", "--format", "ext4", "cellvm-test/multiarch")
+    assert pulled.returncode == 0, pulled.stderr
+    rootfs = Path(pulled.stdout.split()[2])
+    assert rootfs.name == "rootfs.ext4"
+    debugfs = shutil.which("debugfs") or "/usr/sbin/debugfs"
+    content = subprocess.run([debugfs, "-R", "cat /arch", str(rootfs)], capture_output=True, text=True, check=True)
+    assert content.stdout == "arm64"
+    bad = cellvm(env, "pull", "--platform", "linux", "cellvm-test/multiarch")
+    assert bad.returncode == 1 and bad.stderr.startswith("cellvm pull: ImageError: platform 'linux'")

@@ -76,7 +76,7 @@ class Platform:
         """'linux/amd64' or 'linux/arm64/v8'."""
         parts = text.split("/")
         if len(parts) not in (2, 3) or not all(parts):
-            raise ValueError(f"platform {text!r} is not os/arch[/variant]")
+            raise ImageError(f"platform {text!r} is not os/arch[/variant]")
         return cls(parts[0], parts[1], parts[2] if len(parts) == 3 else None)
 
     @classmethod
