@@ -10,7 +10,7 @@ import pytest
 from imagehelpers import CountingReporter, assert_cache_valid, erofs_inode, extract_rootfs
 from support.registry import Registry
 
-from cellvm.errors import ImageError
+from cellvm.errors import ImageError, ImageNotFound
 from cellvm.images import ImageStore, pull
 from cellvm.images.unpack import apply_layers
 
@@ -141,3 +141,13 @@ async def test_ext4_rootfs(mirror_env: Registry, store: ImageStore, tmp_path: Pa
     assert image.rootfs.name == "rootfs.ext4"
     root = extract_rootfs(image, tmp_path / "rootfs")
     assert (root / "bin" / "busybox").stat().st_size > 100_000
+
+
+async def test_pull_by_digest(mirror_env: Registry, store: ImageStore) -> None:
+    by_tag = await pull("busybox", store=store)
+    by_digest = await pull(f"busybox@{by_tag.digest}", store=store)
+    assert by_digest.digest == by_tag.digest and by_digest.name == f"busybox@{by_tag.digest}"
+    pinned = await pull(f"busybox:latest@{by_tag.digest}", store=store)
+    assert pinned.rootfs == by_tag.rootfs
+    with pytest.raises(ImageNotFound):
+        await pull("busybox@sha256:" + "0" * 64, store=store)
