@@ -4,7 +4,8 @@
 // writes the same value back (harmless if it ever succeeds). Both must die
 // of SIGSEGV. The fixed addresses assume the x86-64 layout without KASLR
 // (CONFIG_RANDOMIZE_BASE=n); cellvm.kaddrs=name:0xADDR,... adds more (the
-// boot tests pass symbols from System.map).
+// boot tests pass symbols from System.map), cellvm.probes=name,... keeps only
+// the named fixed ones.
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
@@ -74,8 +75,14 @@ void check_isolation(void)
 {
 	struct probe probes[32];
 	int n = 0;
-	for (size_t i = 0; i < sizeof fixed / sizeof fixed[0]; i++)
-		probes[n++] = fixed[i];
+	// cellvm.probes=name,name restricts the fixed list (for debugging).
+	const char *only = param("cellvm.probes");
+	for (size_t i = 0; i < sizeof fixed / sizeof fixed[0]; i++) {
+		size_t len = strlen(fixed[i].name);
+		const char *hit = only ? strstr(only, fixed[i].name) : NULL;
+		if (!only || (hit && (hit[len] == ',' || hit[len] == ' ' || hit[len] == 0)))
+			probes[n++] = fixed[i];
+	}
 	const char *v = param("cellvm.kaddrs");
 	while (v && *v && *v != ' ' && n < 32) {
 		const char *colon = strchr(v, ':');
