@@ -23,6 +23,15 @@ Pytest fixture for other suites (import it into a conftest.py):
             monkeypatch.setenv(key, value)
         image = await cellvm.images.pull("node:24")
 
+Also: push_test_images(registry, only={"node", ...}) pushes some or all of the
+test images (busybox, python, node, layers, config, multiarch, big) under
+their docker names; test_images_dir() is where they are; kill_now() kills
+the registry without waiting (safe in an event-loop callback);
+docker_config(dir, user, password) writes credentials for it;
+blob_data_path(digest) is where it stores a blob (to corrupt it). With
+credentials=("alice", "secret"), pushes work against the secured kinds.
+`python tests/support/registry.py` serves the test images until Ctrl-C.
+
 Needs the test images built by scripts/stages/30-test-images.sh.
 """
 
