@@ -51,7 +51,7 @@ async def pull(
     reporter = reporter or PullReporter()
     retry = retry or RetryPolicy()
     async with store.in_use(), _resolve(image, platform, retry, reporter) as (source, resolved):
-        cached = store.load_image(source.name, resolved.digest, rootfs_format)
+        cached = await anyio.to_thread.run_sync(store.load_image, source.name, resolved.digest, rootfs_format)
         await _store_documents(store, resolved)
         if cached is None:
             cached = await _fetch_and_build(store, source, resolved, rootfs_format, reporter, retry)
@@ -182,7 +182,7 @@ async def _fetch_and_build(
 
     async def build(wait_for: Callable[[str], Awaitable[None]]) -> None:
         async with file_lock(store.blobs.locks_dir / f"rootfs-{digest_hex}.lock"):
-            if store.load_image(source.name, resolved.digest, fmt) is not None:
+            if await anyio.to_thread.run_sync(store.load_image, source.name, resolved.digest, fmt) is not None:
                 return  # built by a concurrent pull while we waited for the lock
             reporter.building(fmt)
             staging = store.blobs.tmp_dir / f"build-{digest_hex}-{os.getpid()}"
@@ -195,6 +195,6 @@ async def _fetch_and_build(
                     await anyio.to_thread.run_sync(lambda: shutil.rmtree(staging, ignore_errors=True))
 
     await _fetch_blobs(store, source, resolved, reporter, retry, also=build)
-    image = store.load_image(source.name, resolved.digest, fmt)
+    image = await anyio.to_thread.run_sync(store.load_image, source.name, resolved.digest, fmt)
     assert image is not None
     return image
