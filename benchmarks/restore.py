@@ -342,7 +342,10 @@ def full_snapshot_once(mib: int, dirty_mib: int, root: Path, i: int) -> dict[str
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer runs (10 instead of 50, 3 instead of 7)")
+    parser.add_argument("--only", nargs="+", choices=["latency", "rss", "forks", "snapshot"],
+                        help="run only these sections")
     args = parser.parse_args()
+    only = set(args.only or ["latency", "rss", "forks", "snapshot"])
     runs = 10 if args.quick else 50
     snap_runs = 3 if args.quick else 7
     sizes = [64, 256, 2048]
@@ -353,76 +356,97 @@ def main() -> int:
     try:
         print(f"cellvm restore benchmark: backend {_core.hypervisor_info()['backend']}, {os.cpu_count()} CPUs, "
               f"load {os.getloadavg()[0]:.1f}, snapshots in {root.parent} ({runs} runs per variant)\n")
-        samples, phases = latency(sizes, runs, root)
-
-        print("## Call to the guest's first MMIO write (ms)\n")
-        print("| guest | variant | p50 | p90 | p10-p90 spread | p50 vs cold |")
-        print("|---|---|---|---|---|---|")
-        for mib in sizes:
-            cold = statistics.median(samples[mib, "cold"])
-            for variant in VARIANTS:
-                v = samples[mib, variant]
-                p50 = statistics.median(v)
-                ratio = "1" if variant == "cold" else f"{p50 / cold:.2f}x ({cold / p50:.1f}x faster)"
-                goal = "" if variant == "cold" else (" ok" if p50 <= 0.002 else " MISSED (goal 2 ms)")
-                print(f"| {mib} MiB | {variant} | {ms(p50)}{goal} | {ms(pct(v, 90))} | "
-                      f"{ms(pct(v, 10))}-{ms(pct(v, 90))} | {ratio} |")
-        print()
-
-        print("## Restore breakdown, p50 per phase (us)\n")
-        cols = [(mib, v) for mib in (sizes[1], sizes[2]) for v in VARIANTS[1:]]
-        print("| phase | " + " | ".join(f"{mib} MiB {v.split(': ')[1]}" for mib, v in cols) + " |")
-        print("|---|" + "---|" * len(cols))
-        durations = {c: [phase_durations(p) for p in phases[c]] for c in cols}
-        for label, _, _ in PHASES:
-            cells = []
-            for c in cols:
-                vals = [d[label] for d in durations[c] if label in d]
-                cells.append(f"{statistics.median(vals) * 1e6:.0f}" if len(vals) >= len(durations[c]) // 2 else "-")
-            print(f"| {label} | " + " | ".join(cells) + " |")
-        print()
-
-        snap256 = Snapshot.open(root / "marks-256")
-        print("## Host RSS of idle restored VMs (256 MiB guest, KiB per VM)\n")
-        print("| VMs | RSS delta | guest pages touched (of which COW copies) | RSS beyond touched pages | goal |")
-        print("|---|---|---|---|---|")
-        for count in (1, 10):
-            r = idle_rss(snap256, count)
-            goal = "ok" if r["beyond"] <= 2 << 20 else "MISSED (2 MiB)"
-            print(f"| {count} | {r['rss_delta'] / 1024:.0f} | {r['guest_touched'] / 1024:.0f} "
-                  f"({r['guest_cow'] / 1024:.0f}) | {r['beyond'] / 1024:.0f} | {goal} |")
-        print()
-
-        print(f"## {n_forks} forks of one snapshot (256 MiB guest), each to its first MMIO write\n")
-        print("| how | wall time to the last first write (ms) | restore calls alone (ms) | goal 1 s |")
-        print("|---|---|---|---|")
-        for label, fn in (
-            ("restores, new VMs", lambda: forks(snap256, n_forks, pool=False)),
-            ("restores, pool (premapped, prepared before)", lambda: forks(snap256, n_forks, pool=True)),
-            (f"Machine.fork({n_forks}) of a live guest (incl. its snapshot)", lambda: fork_api(256, n_forks)),
-        ):
-            r = fn()
-            print(f"| {label} | {ms(r['wall'])} | {ms(r['calls'])} | {'ok' if r['wall'] <= 1 else 'MISSED'} |")
-        print()
-
-        print("## Snapshot time vs memory dirtied (512 MiB guest, ms, median)\n")
-        print("| dirtied | diff snapshot of a restored guest: SDK call | of which C++ (pause to resume) "
-              "| pages written | full snapshot of a cold guest: SDK call | C++ | pages written |")
-        print("|---|---|---|---|---|---|---|")
-        base = dirty_base(512, root)
-        for dirty in (1, 4, 16, 256):
-            diffs = [diff_snapshot_once(base, dirty, root, i) for i in range(snap_runs)]
-            fulls = [full_snapshot_once(512, dirty, root, i) for i in range(snap_runs)]
-            d_sdk = statistics.median(x["sdk"] for x in diffs)
-            goal = (" ok" if d_sdk <= 0.005 else " MISSED (goal 5 ms)") if dirty == 4 else ""
-            print(f"| {dirty} MiB | {ms(d_sdk)}{goal} | {ms(statistics.median(x['core'] for x in diffs))} | "
-                  f"{diffs[0]['pages']:.0f} | {ms(statistics.median(x['sdk'] for x in fulls))} | "
-                  f"{ms(statistics.median(x['core'] for x in fulls))} | {fulls[0]['pages']:.0f} |")
+        snap256 = marks_snapshot(256, root / "rss-forks") if only - {"latency", "snapshot"} else None
+        if "latency" in only:
+            print_latency(sizes, runs, root)
+        if "rss" in only:
+            print_rss(snap256)
+        if "forks" in only:
+            print_forks(snap256, n_forks)
+        if "snapshot" in only:
+            print_snapshot_times(root, snap_runs)
         print(f"\n(run took {time.monotonic() - started:.0f} s; load {os.getloadavg()[0]:.1f})")
     finally:
         _core.vm_pool_clear()
         shutil.rmtree(root, ignore_errors=True)
     return 0
+
+
+def print_latency(sizes: list[int], runs: int, root: Path) -> None:
+    samples, phases = latency(sizes, runs, root)
+
+    print("## Call to the guest's first MMIO write (ms)\n")
+    print("| guest | variant | p50 | p90 | p10-p90 spread | p50 vs cold |")
+    print("|---|---|---|---|---|---|")
+    for mib in sizes:
+        cold = statistics.median(samples[mib, "cold"])
+        for variant in VARIANTS:
+            v = samples[mib, variant]
+            p50 = statistics.median(v)
+            ratio = "1" if variant == "cold" else f"{p50 / cold:.2f}x ({cold / p50:.1f}x faster)"
+            goal = "" if variant == "cold" else (" ok" if p50 <= 0.002 else " MISSED (goal 2 ms)")
+            print(f"| {mib} MiB | {variant} | {ms(p50)}{goal} | {ms(pct(v, 90))} | "
+                  f"{ms(pct(v, 10))}-{ms(pct(v, 90))} | {ratio} |")
+    print()
+
+    print("## Restore breakdown, p50 per phase (us)\n")
+    cols = [(mib, v) for mib in (sizes[1], sizes[2]) for v in VARIANTS[1:]]
+    print("| phase | " + " | ".join(f"{mib} MiB {v.split(': ')[1]}" for mib, v in cols) + " |")
+    print("|---|" + "---|" * len(cols))
+    durations = {c: [phase_durations(p) for p in phases[c]] for c in cols}
+    for label, _, _ in PHASES:
+        cells = []
+        for c in cols:
+            vals = [d[label] for d in durations[c] if label in d]
+            cells.append(f"{statistics.median(vals) * 1e6:.0f}" if len(vals) >= len(durations[c]) // 2 else "-")
+        print(f"| {label} | " + " | ".join(cells) + " |")
+    print()
+
+
+
+def print_rss(snap256: Snapshot) -> None:
+    print("## Host RSS of idle restored VMs (256 MiB guest, KiB per VM)\n")
+    print("| VMs | RSS delta | guest pages touched (of which COW copies) | RSS beyond touched pages | goal |")
+    print("|---|---|---|---|---|")
+    for count in (1, 10):
+        r = idle_rss(snap256, count)
+        goal = "ok" if r["beyond"] <= 2 << 20 else "MISSED (2 MiB)"
+        print(f"| {count} | {r['rss_delta'] / 1024:.0f} | {r['guest_touched'] / 1024:.0f} "
+              f"({r['guest_cow'] / 1024:.0f}) | {r['beyond'] / 1024:.0f} | {goal} |")
+    print()
+
+
+
+def print_forks(snap256: Snapshot, n_forks: int) -> None:
+    print(f"## {n_forks} forks of one snapshot (256 MiB guest), each to its first MMIO write\n")
+    print("| how | wall time to the last first write (ms) | restore calls alone (ms) | goal 1 s |")
+    print("|---|---|---|---|")
+    for label, fn in (
+        ("restores, new VMs", lambda: forks(snap256, n_forks, pool=False)),
+        ("restores, pool (premapped, prepared before)", lambda: forks(snap256, n_forks, pool=True)),
+        (f"Machine.fork({n_forks}) of a live guest (incl. its snapshot)", lambda: fork_api(256, n_forks)),
+    ):
+        r = fn()
+        print(f"| {label} | {ms(r['wall'])} | {ms(r['calls'])} | {'ok' if r['wall'] <= 1 else 'MISSED'} |")
+    print()
+
+
+
+def print_snapshot_times(root: Path, snap_runs: int) -> None:
+    print("## Snapshot time vs memory dirtied (512 MiB guest, ms, median)\n")
+    print("| dirtied | diff snapshot of a restored guest: SDK call | of which C++ (pause to resume) "
+          "| pages written | full snapshot of a cold guest: SDK call | C++ | pages written |")
+    print("|---|---|---|---|---|---|---|")
+    base = dirty_base(512, root)
+    for dirty in (1, 4, 16, 256):
+        diffs = [diff_snapshot_once(base, dirty, root, i) for i in range(snap_runs)]
+        fulls = [full_snapshot_once(512, dirty, root, i) for i in range(snap_runs)]
+        d_sdk = statistics.median(x["sdk"] for x in diffs)
+        goal = (" ok" if d_sdk <= 0.005 else " MISSED (goal 5 ms)") if dirty == 4 else ""
+        print(f"| {dirty} MiB | {ms(d_sdk)}{goal} | {ms(statistics.median(x['core'] for x in diffs))} | "
+              f"{diffs[0]['pages']:.0f} | {ms(statistics.median(x['sdk'] for x in fulls))} | "
+              f"{ms(statistics.median(x['core'] for x in fulls))} | {fulls[0]['pages']:.0f} |")
+    print()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,162 @@
+"""Restores from machines prepared in advance (csrc/vm/vm_pool.h): the pool
+changes how fast a restore is, never what it restores. No timing asserts:
+speed is benchmarks/restore.py's business."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cellvm import _core, testguest
+from cellvm.errors import SnapshotCorrupt
+from cellvm.machine import Machine
+from cellvm.snapshot import Snapshot
+from cellvm.testguest import Mode, read_results
+
+pytestmark = pytest.mark.usefixtures("kvm")
+
+PVM = _core.hypervisor_info()["backend"] == "pvm"
+
+
+@pytest.fixture(autouse=True)
+def empty_pool() -> Iterator[None]:
+    _core.vm_pool_clear()
+    yield
+    _core.vm_pool_clear()
+    assert _core.vm_pool_status() == []
+
+
+def counters(m: Machine) -> tuple[int, ...]:
+    return read_results(m.core).counters[: m.vcpus]
+
+
+def wait_for_progress(m: Machine, beyond: tuple[int, ...]) -> None:
+    deadline = time.monotonic() + 10
+    while not all(now > then for now, then in zip(counters(m), beyond)):
+        assert time.monotonic() < deadline, f"counters stuck at {counters(m)}, expected beyond {beyond}"
+        time.sleep(0.001)
+
+
+@pytest.fixture
+def snapshot(tmp_path: Path) -> Snapshot:
+    with Machine(memory_mib=64, vcpus=2) as m:
+        m.load_test_guest(testguest.path(), testguest.params(Mode.COUNTER, 2, 0, 0, native=PVM))
+        m.start()
+        wait_for_progress(m, (1000, 1000))
+        return m.snapshot(tmp_path / "snap", resume=False)
+
+
+def saved_counters(snapshot: Snapshot) -> tuple[int, ...]:
+    """The counts in the snapshot's memory image itself (a restored guest has already counted on)."""
+    with open(snapshot.path / "memory.bin", "rb") as f:
+        f.seek(testguest.RESULTS_GPA)
+        words = f.read(8 * snapshot.vcpus)
+    return tuple(int.from_bytes(words[i : i + 8], "little") for i in range(0, len(words), 8))
+
+
+def phases(m: Machine) -> list[str]:
+    return [name for name, _ in m.restore_phases()]
+
+
+@pytest.mark.parametrize("premap", [False, True], ids=["shape", "premapped"])
+def test_a_prepared_machine_restores_the_same_state(snapshot: Snapshot, premap: bool) -> None:
+    at_snapshot = saved_counters(snapshot)
+    assert all(n > 1000 for n in at_snapshot)
+    Machine.prepare_restores(snapshot, 2, premap=premap)
+    assert Machine.wait_prepared(snapshot, 2, premap=premap) == 2
+    for _ in range(3):  # the worker refills behind each restore
+        Machine.wait_prepared(snapshot, 1, premap=premap)
+        with Machine.restore(snapshot) as clone:
+            assert "pool_take" in phases(clone)
+            assert ("memory_map" in phases(clone)) == (not premap)  # premapped: the images are already there
+            states = clone.pause()
+            now = counters(clone)
+            assert all(n >= s for n, s in zip(now, at_snapshot)), (now, at_snapshot)
+            if PVM:
+                for i, state in enumerate(states):
+                    assert state is not None
+                    assert state["pvm_native"] == (0x20000 + 0x1000 * i) | 0x400 | testguest.PVM_NATIVE_FLAGS
+            clone.resume()
+            wait_for_progress(clone, now)
+
+
+def test_without_a_prepared_machine_restore_builds_one(snapshot: Snapshot) -> None:
+    with Machine.restore(snapshot) as clone:
+        assert "pool_take" not in phases(clone)
+        assert {"memory_map", "vm_create", "memslot", "irqchip", "vcpus_cpuid", "vcpu_apply"} <= set(phases(clone))
+        assert clone.restore_started > 0
+        wait_for_progress(clone, counters(clone))
+    with Machine(memory_mib=64) as cold:
+        assert cold.restore_phases() == []
+
+
+def test_prepared_clones_are_isolated(snapshot: Snapshot) -> None:
+    marker = 0x300000
+    Machine.prepare_restores(snapshot, 2, premap=True)
+    Machine.wait_prepared(snapshot, 2, premap=True)
+    a, b = Machine.restore(snapshot), Machine.restore(snapshot)
+    try:
+        assert "pool_take" in phases(a) and "pool_take" in phases(b)
+        a.write_memory(marker, b"\x11" * 8)
+        b.write_memory(marker, b"\x22" * 8)
+        assert a.read_memory(marker, 8) == b"\x11" * 8
+        assert b.read_memory(marker, 8) == b"\x22" * 8
+    finally:
+        a.close()
+        b.close()
+    with Machine.restore(snapshot) as c:
+        assert c.read_memory(marker, 8) == bytes(8)
+
+
+def test_a_diff_chain_restores_over_a_prepared_machine(snapshot: Snapshot, tmp_path: Path) -> None:
+    marker = 0x300000
+    with Machine.restore(snapshot) as clone:
+        clone.write_memory(marker, b"diff-one")
+        wait_for_progress(clone, counters(clone))
+        diff = clone.snapshot(tmp_path / "diff", resume=False)
+        at_diff = counters(clone)
+    assert diff.is_diff
+    for premap in (False, True):
+        Machine.prepare_restores(diff, 1, premap=premap)
+        Machine.wait_prepared(diff, 1, premap=premap)
+        with Machine.restore(diff) as again:
+            assert "pool_take" in phases(again)
+            assert again.read_memory(marker, 8) == b"diff-one"
+            again.pause()
+            assert all(n >= s for n, s in zip(counters(again), at_diff))
+            again.resume()
+            wait_for_progress(again, at_diff)
+        Machine.prepare_restores(diff, 0, premap=premap)
+
+
+def test_a_truncated_image_fails_over_a_prepared_machine(snapshot: Snapshot) -> None:
+    Machine.prepare_restores(snapshot, 1, premap=False)
+    Machine.wait_prepared(snapshot, 1, premap=False)
+    os.truncate(snapshot.path / "memory.bin", snapshot.memory_bytes // 2)
+    with pytest.raises(SnapshotCorrupt, match="truncated"):
+        Machine.restore(snapshot)
+
+
+def test_targets_can_be_dropped(snapshot: Snapshot) -> None:
+    Machine.prepare_restores(snapshot, 3, premap=False)
+    assert Machine.wait_prepared(snapshot, 3, premap=False) == 3
+    [entry] = _core.vm_pool_status()
+    assert (entry["memory_mib"], entry["vcpus"], entry["layers"], entry["ready"]) == (64, 2, [], 3)
+    Machine.prepare_restores(snapshot, 1, premap=False)
+    assert _core.vm_pool_status()[0]["ready"] == 1
+    Machine.prepare_restores(snapshot, 0, premap=False)
+    assert _core.vm_pool_status() == []
+    with Machine.restore(snapshot) as clone:
+        assert "pool_take" not in phases(clone)
+
+
+def test_a_prepared_machine_of_another_shape_is_not_used(snapshot: Snapshot) -> None:
+    _core.vm_pool_set_target(128, 2, [], 1)
+    _core.vm_pool_wait(128, 2, [], 1, 10.0)
+    with Machine.restore(snapshot) as clone:
+        assert "pool_take" not in phases(clone)
+    assert _core.vm_pool_status()[0]["ready"] == 1
