@@ -14,7 +14,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <net/if.h>
+#include <sys/ioctl.h>
 #include <sys/mount.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
 #include <sys/reboot.h>
 #include <sys/stat.h>
 #include <termios.h>
@@ -131,6 +135,30 @@ static void mount_api_filesystems(int fresh_root)
 	symlink("/proc/self/fd/2", "/dev/stderr");
 }
 
+// What a container runtime gives every process and programs take for
+// granted; none of it is worth powering off for, so failures are logged.
+static void machine_defaults(void)
+{
+	// Loopback up: local servers (REPL kernels, test servers) use 127.0.0.1.
+	int sock = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+	struct ifreq ifr = {0};
+	snprintf(ifr.ifr_name, sizeof ifr.ifr_name, "lo");
+	if (sock < 0 || ioctl(sock, SIOCGIFFLAGS, &ifr) ||
+	    (ifr.ifr_flags |= IFF_UP, ioctl(sock, SIOCSIFFLAGS, &ifr)))
+		log_line("cellvm-agent: bringing up lo: %s", strerror(errno));
+	if (sock >= 0)
+		close(sock);
+	// The kernel's default of 1024 open files is too few for node or a build;
+	// this is docker's value, or the most the kernel allows.
+	struct rlimit files = {.rlim_cur = 1048576, .rlim_max = 1048576};
+	if (setrlimit(RLIMIT_NOFILE, &files) && (getrlimit(RLIMIT_NOFILE, &files) ||
+	    (files.rlim_cur = files.rlim_max, setrlimit(RLIMIT_NOFILE, &files))))
+		log_line("cellvm-agent: raising RLIMIT_NOFILE: %s", strerror(errno));
+	mkdir("/sys/fs/cgroup", 0755);
+	if (mount("cgroup2", "/sys/fs/cgroup", "cgroup2", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL))
+		log_line("cellvm-agent: mount cgroup2: %s", strerror(errno));
+}
+
 void init_machine(struct init_result *out, const char *cmdline_override)
 {
 	static const int crash_signals[] = {SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGABRT};
@@ -160,6 +188,7 @@ void init_machine(struct init_result *out, const char *cmdline_override)
 	if (fresh_root)
 		switch_to_image_root(root);
 	mount_api_filesystems(fresh_root);
+	machine_defaults();
 	if (chdir("/"))
 		fatal("chdir /: %s", strerror(errno));
 }

@@ -75,7 +75,9 @@ async def start_pid1(agent_binary: Path, directory: Path, cmdline: str) -> tuple
     log_path = directory / "agent.log"
     with theirs, open(log_path, "ab") as log:
         process = await anyio.open_process(
-            ["unshare", "--mount", "--pid", "--fork", f"--root={initramfs}",
+            # --uts and --net: the agent sets the hostname and brings up lo,
+            # which must not touch the host's
+            ["unshare", "--mount", "--pid", "--uts", "--net", "--fork", f"--root={initramfs}",
              "/init", "--init", "--fd", str(theirs.fileno()), "--cmdline", cmdline],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, pass_fds=[theirs.fileno()],
         )  # fmt: skip
@@ -113,8 +115,13 @@ async def test_pid1_sets_up_the_machine(pid1_agent: AgentClient) -> None:
     for expected in [("/", "overlay"), ("/dev", "devtmpfs"), ("/proc", "proc"), ("/sys", "sysfs"),
                      ("/dev/pts", "devpts"), ("/dev/shm", "tmpfs"), ("/tmp", "tmpfs")]:  # fmt: skip
         assert expected in mounts, mounts
-    result = await pid1_agent.exec("sh", "-c", 'echo "$IMAGE_VAR|$PATH|$(pwd)|$(hostname)|$(id -u)"')
-    assert result.stdout == b"from the image|/bin|/etc|cellvm-test|0\n"
+    result = await pid1_agent.exec("sh", "-c", 'echo "$IMAGE_VAR|$PATH|$(pwd)|$(hostname)|$(id -u)|$(ulimit -n)"')
+    *fields, open_files = result.stdout.decode().strip().split("|")
+    assert fields == ["from the image", "/bin", "/etc", "cellvm-test", "0"]
+    assert int(open_files) > 1024  # docker's 1048576 where the kernel allows it
+    lo_flags = int((await pid1_agent.files.read("/sys/class/net/lo/flags")).decode(), 16)
+    assert lo_flags & 0x1, "lo is not up"  # IFF_UP
+    assert ("/sys/fs/cgroup", "cgroup2") in mounts
 
 
 async def test_root_is_a_writable_overlay_of_the_image(pid1_agent: AgentClient) -> None:
