@@ -49,6 +49,7 @@ std::unique_ptr<Machine> VmPool::take(const Key& key) {
   if (it == entries_.end() || it->second.ready.empty()) return nullptr;
   std::unique_ptr<Machine> machine = std::move(it->second.ready.back());
   it->second.ready.pop_back();
+  last_take_ = std::chrono::steady_clock::now();
   work_cv_.notify_all();  // refill behind it
   return machine;
 }
@@ -100,6 +101,10 @@ void VmPool::worker() {
       }
     if (!wanted) {
       work_cv_.wait(lock);
+      continue;
+    }
+    if (auto at = last_take_ + kRefillDelay; std::chrono::steady_clock::now() < at) {
+      work_cv_.wait_until(lock, at);
       continue;
     }
     Key key = *wanted;

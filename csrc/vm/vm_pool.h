@@ -18,7 +18,8 @@
 // Machine::restore() takes a machine from the pool when one of the right key
 // is ready (images first, then shape) and builds a new one otherwise, so the
 // pool changes how fast a restore is, never what it does. Every target is 0
-// until someone sets one: by default nothing is built ahead.
+// until someone sets one: by default nothing is built ahead. The worker
+// refills kRefillDelay after the last take, off the restore's critical path.
 #pragma once
 
 #include <chrono>
@@ -51,6 +52,12 @@ class VmPool {
     std::string error;  // why the last build failed (the worker stops building this key)
   };
 
+  // The worker refills no sooner than this after the last take: building a
+  // VM (1-2 ms of CPU at 2 GiB) while the restored guest makes its first
+  // steps slowed that restore down by a third to two thirds on this 2-CPU
+  // host (p50 at 2 GiB 1.63 -> 0.54 ms, at 256 MiB 0.85 -> 0.53 ms).
+  static constexpr std::chrono::milliseconds kRefillDelay{20};
+
   static VmPool& instance();
 
   // Keep `count` prepared machines of `key` ready; 0 drops the key and its
@@ -82,6 +89,7 @@ class VmPool {
   std::map<Key, Entry> entries_;
   std::thread worker_;
   bool stopping_ = false;
+  std::chrono::steady_clock::time_point last_take_{};
 };
 
 }  // namespace cellvm
