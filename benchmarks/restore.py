@@ -346,7 +346,7 @@ def main() -> int:
                         help="run only these sections")
     args = parser.parse_args()
     only = set(args.only or ["latency", "rss", "forks", "snapshot"])
-    runs = 10 if args.quick else 50
+    runs = int(os.environ.get("RUNS", 10 if args.quick else 50))
     snap_runs = 3 if args.quick else 7
     sizes = [64, 256, 2048]
     n_forks = 100

@@ -62,8 +62,14 @@ std::unique_ptr<Machine> Machine::prepare(MachineConfig config, const std::vecto
   GuestMemory memory = memory_layers.empty() ? GuestMemory::reserved(config.memory_bytes)
                                              : GuestMemory(map_memory_layers(memory_layers, config.memory_bytes));
   std::unique_ptr<Machine> machine(new Machine(config, std::move(memory), nullptr));
-  std::lock_guard lock(machine->mutex_);
-  machine->spawn_vcpu_threads(true);  // they wait for the restore's first kick
+  {
+    std::lock_guard lock(machine->mutex_);
+    machine->spawn_vcpu_threads(true);  // they wait for the restore's first kick
+  }
+  // Ready only once every vCPU thread has run and sleeps at the gate: a new
+  // thread on a busy host can wait milliseconds for its first time slice,
+  // a sleeping one is woken within tens of microseconds.
+  for (auto& stamps : machine->vcpu_stamps_) stamps.at_gate.wait(false);
   return machine;
 }
 
@@ -219,6 +225,8 @@ void Machine::vcpu_thread(int index, bool wait_for_request) {
   // nobody (the coordinator only kicks attached vCPUs, then again every
   // kick_interval = 1 ms): it must not wait for a kick then.
   if (wait_for_request) {
+    vcpu_stamps_[index].at_gate.store(true);
+    vcpu_stamps_[index].at_gate.notify_all();
     if (!coordinator_.has_request()) vcpu.wait_for_kick();
     vcpu_stamps_[index].woke.store(now_ns());
   }

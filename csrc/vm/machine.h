@@ -183,6 +183,7 @@ class Machine final : public Platform, public VcpuHost {
   // (for the test guests: their first MMIO write).
   struct VcpuRestoreStamps {
     std::atomic<int64_t> woke{0}, applied{0}, first_exit{0};
+    std::atomic<bool> at_gate{false};  // its thread runs and waits for the restore (prepare())
   };
   std::vector<VcpuRestoreStamps> vcpu_stamps_;
 
