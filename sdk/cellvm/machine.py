@@ -88,9 +88,10 @@ class Machine:
         if not isinstance(snapshot, Snapshot):
             snapshot = Snapshot.open(snapshot)
         devices = list(snapshot.metadata.get("devices", []))
+        state, layers = snapshot.restore_paths
         core = _core.Machine.restore_snapshot(
-            str(snapshot.path / "state.bin"),
-            [str(p) for p in snapshot.memory_layers()],
+            state,
+            list(layers),
             devices=devices,
             timeout=timeout,
         )
@@ -100,7 +101,7 @@ class Machine:
     def _pool_key(snapshot: Snapshot | str | os.PathLike[str], premap: bool) -> tuple[int, int, list[str]]:
         if not isinstance(snapshot, Snapshot):
             snapshot = Snapshot.open(snapshot)
-        layers = [str(p) for p in snapshot.memory_layers()] if premap else []
+        layers = list(snapshot.restore_paths[1]) if premap else []
         return snapshot.memory_bytes >> 20, snapshot.vcpus, layers
 
     @classmethod

@@ -12,6 +12,7 @@ complete (written under a temporary name, fsynced, renamed).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -105,6 +106,14 @@ class Snapshot:
     @property
     def vcpus(self) -> int:
         return int(self.metadata["vcpus"])
+
+    @functools.cached_property
+    def restore_paths(self) -> tuple[str, tuple[str, ...]]:
+        """(state.bin, the memory layers) as strings for the VMM, worked out
+        once per Snapshot object: a snapshot never changes, and on a warm-pool
+        restore the path arithmetic alone (and for a diff, reading the chain's
+        metadata) was a tenth of the restore."""
+        return str(self.path / "state.bin"), tuple(str(p) for p in self.memory_layers())
 
     def memory_layers(self) -> list[Path]:
         """Memory images to map, full image first, this snapshot's last."""
