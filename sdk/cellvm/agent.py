@@ -38,7 +38,7 @@ import anyio.abc
 from .agent_files import AgentFiles, FileInfo
 from .agent_process import ExecResult, ExitStatus, OutputChunk, Process, ProcessStdin
 from .agent_stream import ErrorContext, Stream, error_from, unexpected
-from .errors import AgentDisconnected, AgentError, ExecTimeout, ProtocolError
+from .errors import AgentDisconnected, AgentError, CellvmError, ExecTimeout, ProtocolError
 from .protocol import (
     PROTOCOL_VERSION,
     STREAM_WINDOW,
@@ -100,7 +100,7 @@ class AgentClient:
         self._streams: dict[int, Stream] = {}
         self._ids = itertools.count(1)
         self._send_lock = anyio.Lock()
-        self._closed: AgentError | None = None
+        self._closed: CellvmError | None = None
         self._ready: anyio.Event | None = None
         self._ready_info: AgentInfo | None = None
         self._task_group: anyio.abc.TaskGroup | None = None
@@ -126,7 +126,7 @@ class AgentClient:
 
     async def _read_loop(self) -> None:
         decoder = FrameDecoder()
-        reason: AgentError = AgentDisconnected("the agent client was closed")
+        reason: CellvmError = AgentDisconnected("the agent client was closed")
         try:
             while True:
                 try:
@@ -182,7 +182,7 @@ class AgentClient:
 
     def _open_stream(self) -> Stream:
         if self._closed is not None:
-            raise AgentDisconnected(f"agent connection is closed: {self._closed}")
+            raise self._closed
         stream = Stream(next(self._ids))
         self._streams[stream.id] = stream
         return stream
@@ -200,7 +200,7 @@ class AgentClient:
 
     async def _send_bytes(self, data: bytes) -> None:
         if self._closed is not None:
-            raise AgentDisconnected(f"agent connection is closed: {self._closed}")
+            raise self._closed
         async with self._send_lock:
             # A frame goes out whole or the stream is out of sync for good, so
             # a cancellation must not stop it halfway: the send is shielded,
@@ -219,7 +219,13 @@ class AgentClient:
                     await self._break(error)
                     raise error
 
-    async def _break(self, reason: AgentError) -> None:
+    async def abort(self, reason: CellvmError) -> None:
+        """Ends the connection from outside, e.g. when the VM behind it
+        stopped but its channel stays open: every open and later request
+        fails with ``reason``."""
+        await self._break(reason)
+
+    async def _break(self, reason: CellvmError) -> None:
         """Ends the connection: every open request fails with ``reason``."""
         if self._closed is None:
             self._closed = reason
@@ -379,13 +385,35 @@ class AgentClient:
             *argv, env=env, cwd=cwd, user=user, uid=uid, gid=gid,
             stdin=stdin is not None, pty=pty, timeout=timeout, clear_env=clear_env,
         ) as process:  # fmt: skip
-            async with anyio.create_task_group() as tasks:
-                if stdin is not None:
-                    tasks.start_soon(process.stdin.send_all_and_close, stdin)
-                async for chunk in process:
-                    (stdout if chunk.stream == "stdout" else stderr).extend(chunk.data)
+            if stdin is None:
+                await _collect(process, stdout, stderr)
+            else:
+                try:
+                    async with anyio.create_task_group() as tasks:
+                        tasks.start_soon(process.stdin.send_all_and_close, stdin)
+                        await _collect(process, stdout, stderr)
+                except BaseExceptionGroup as group:
+                    # Callers catch CommandNotFound, AgentDisconnected, ...,
+                    # not groups: both tasks fail the same way when the
+                    # connection goes, so the first error says it all.
+                    raise _first_cellvm_error(group) from None
             status = await process.wait()
         result = ExecResult(status.exit_code, bytes(stdout), bytes(stderr), status.signal, status.timed_out)
         if status.timed_out:
             raise ExecTimeout(f"{argv[0]} ran past its timeout of {timeout} s and was killed", result=result)
         return result
+
+
+async def _collect(process: Process, stdout: bytearray, stderr: bytearray) -> None:
+    async for chunk in process:
+        (stdout if chunk.stream == "stdout" else stderr).extend(chunk.data)
+
+
+def _first_cellvm_error(group: BaseExceptionGroup) -> BaseException:
+    """The first CellvmError in a task group's exceptions, else the group."""
+    for error in group.exceptions:
+        if isinstance(error, BaseExceptionGroup):
+            error = _first_cellvm_error(error)
+        if isinstance(error, CellvmError):
+            return error
+    return group

@@ -10,6 +10,7 @@ import anyio
 from .errors import (
     AgentDisconnected,
     AgentError,
+    CellvmError,
     CommandNotFound,
     ExecFailed,
     GuestFileError,
@@ -58,7 +59,7 @@ class Stream:
         self._inbox_in, self._inbox = anyio.create_memory_object_stream[Frame](math.inf)
         self.send_window = STREAM_WINDOW
         self.finished = False  # a final frame arrived, or the connection is gone
-        self._failure: AgentError | None = None
+        self._failure: CellvmError | None = None
         self._window_changed = anyio.Event()
         self._uncredited = {t: 0 for t in _DATA_TYPES}
 
@@ -83,7 +84,7 @@ class Stream:
         self.send_window += amount
         self._wake()
 
-    def fail(self, error: AgentError) -> None:
+    def fail(self, error: CellvmError) -> None:
         self._failure = error
         self.finished = True
         self._wake()

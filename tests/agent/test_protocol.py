@@ -12,7 +12,7 @@ import pytest
 from anyio.abc import SocketStream
 
 from cellvm.agent import AgentClient
-from cellvm.errors import AgentDisconnected, ProtocolError
+from cellvm.errors import AgentDisconnected, CellvmError, ProtocolError
 from cellvm.protocol import HEADER, MAX_PAYLOAD, PROTOCOL_VERSION, Field, MsgType, encode_fields
 
 from conftest import AgentProcess, Launcher
@@ -135,6 +135,41 @@ async def test_closing_the_connection_ends_the_agent_and_its_processes(launch_ag
     with anyio.fail_after(10):
         while _alive(pids[0]):
             await anyio.sleep(0.05)
+
+
+@pytest.mark.parametrize("stdin", [None, b"input"])
+async def test_an_agent_that_dies_fails_its_requests(launch_agent: Launcher, stdin: bytes | None) -> None:
+    process, stream = await launch_agent()
+    async with AgentClient(stream) as client:
+        await client.wait_ready()
+        async with anyio.create_task_group() as tasks:
+
+            async def killer() -> None:
+                await anyio.sleep(0.2)
+                process.process.kill()  # the agent we started, by its PID
+
+            tasks.start_soon(killer)
+            with pytest.raises(AgentDisconnected):
+                await client.exec("sleep", "30", stdin=stdin)
+        with pytest.raises(AgentDisconnected):
+            await client.hello()
+
+
+async def test_abort_fails_open_and_later_requests(agent: AgentClient) -> None:
+    class MachineGone(CellvmError):
+        pass
+
+    async with anyio.create_task_group() as tasks:
+
+        async def run() -> None:
+            with pytest.raises(MachineGone):
+                await agent.exec("sleep", "30")
+
+        tasks.start_soon(run)
+        await anyio.sleep(0.2)
+        await agent.abort(MachineGone("the VM stopped"))
+    with pytest.raises(MachineGone):
+        await agent.exec("true")
 
 
 async def test_orphans_are_reaped(agent: AgentClient, agent_process: tuple[AgentProcess, SocketStream]) -> None:
