@@ -373,9 +373,12 @@ int main(int argc, char **argv)
 		return 0;
 	}
 
+	// Kernel time to here: the clocks start early in the kernel's boot.
+	double booted_ns = now_ns(CLOCK_BOOTTIME);
 	alarm(120);
 	check_console();
 	check_mounts();
+	result("kernel_boot_ms", "%.1f", booted_ns / 1e6);
 	quick = param_long("cellvm.quick", 0) != 0;
 
 	const char *mode = param("cellvm.mode");
