@@ -158,7 +158,7 @@ PHASES = [  # (label, from stamp, to stamp)
     ("Python call -> C++ restore()", "call", "start"),
     ("state file read + checksum", "start", "state_read"),
     ("parse, checks, vCPU state decode", "state_read", "state_parse"),
-    ("take a prepared VM from the pool", "state_parse", "pool_take"),
+    ("take a prepared VM from the pool", None, "pool_take"),
     ("mmap memory images", None, "memory_map"),
     ("KVM_CREATE_VM", "memory_map", "vm_create"),
     ("memslot", "vm_create", "memslot"),

@@ -122,23 +122,25 @@ NB_MODULE(_core, m) {
       "layers"_a, "size"_a, "path"_a, ReleaseGil(),
       "Write memory images (full, then diffs, oldest first) as one full image; returns bytes written.");
 
-  auto pool_key = [](uint64_t memory_mib, int vcpus, const std::vector<std::string>& layers) {
-    return VmPool::Key{memory_mib << 20, vcpus, layers};
+  auto pool_key = [](uint64_t memory_mib, int vcpus, const std::vector<std::string>& layers, const std::string& state) {
+    return VmPool::Key{memory_mib << 20, vcpus, layers, state};
   };
   m.def(
       "vm_pool_set_target",
-      [pool_key](uint64_t memory_mib, int vcpus, const std::vector<std::string>& layers, int count) {
-        VmPool::instance().set_target(pool_key(memory_mib, vcpus, layers), count);
+      [pool_key](uint64_t memory_mib, int vcpus, const std::vector<std::string>& layers, int count,
+                 const std::string& state) {
+        VmPool::instance().set_target(pool_key(memory_mib, vcpus, layers, state), count);
       },
-      "memory_mib"_a, "vcpus"_a, "layers"_a, "count"_a, ReleaseGil(),
+      "memory_mib"_a, "vcpus"_a, "layers"_a, "count"_a, "state"_a = "", ReleaseGil(),
       "Keep `count` machines of this shape prepared for restores (layers: premapped memory images, or [] "
-      "for any snapshot of the shape); 0 drops them.");
+      "for any snapshot of the shape; state: also that state.bin applied); 0 drops them.");
   m.def(
       "vm_pool_wait",
-      [pool_key](uint64_t memory_mib, int vcpus, const std::vector<std::string>& layers, int count, double timeout) {
-        return VmPool::instance().wait_ready(pool_key(memory_mib, vcpus, layers), count, seconds(timeout));
+      [pool_key](uint64_t memory_mib, int vcpus, const std::vector<std::string>& layers, int count, double timeout,
+                 const std::string& state) {
+        return VmPool::instance().wait_ready(pool_key(memory_mib, vcpus, layers, state), count, seconds(timeout));
       },
-      "memory_mib"_a, "vcpus"_a, "layers"_a, "count"_a, "timeout"_a, ReleaseGil(),
+      "memory_mib"_a, "vcpus"_a, "layers"_a, "count"_a, "timeout"_a, "state"_a = "", ReleaseGil(),
       "Wait until `count` prepared machines are ready (or the build failed); returns how many are.");
   m.def(
       "vm_pool_status",
@@ -149,6 +151,7 @@ NB_MODULE(_core, m) {
           d["memory_mib"] = s.key.memory_bytes >> 20;
           d["vcpus"] = s.key.vcpus;
           d["layers"] = s.key.layers;
+          d["state"] = s.key.state;
           d["target"] = s.target;
           d["ready"] = s.ready;
           d["error"] = s.error;

@@ -57,11 +57,15 @@ std::vector<kvm_cpuid_entry2> guest_cpuid(int vcpu) {
 Machine::Machine(MachineConfig config, const std::vector<std::string>& memory_layers)
     : Machine((check_config(config), config), memory_for(config, memory_layers), nullptr) {}
 
-std::unique_ptr<Machine> Machine::prepare(MachineConfig config, const std::vector<std::string>& memory_layers) {
+std::unique_ptr<Machine> Machine::prepare(MachineConfig config, const std::vector<std::string>& memory_layers,
+                                          const std::string& state_path) {
   check_config(config);
+  if (!state_path.empty() && memory_layers.empty())
+    throw std::invalid_argument("a machine prepared with a state needs its memory images too");
   GuestMemory memory = memory_layers.empty() ? GuestMemory::reserved(config.memory_bytes)
                                              : GuestMemory(map_memory_layers(memory_layers, config.memory_bytes));
   std::unique_ptr<Machine> machine(new Machine(config, std::move(memory), nullptr));
+  if (!state_path.empty()) machine->prestate(state_path);
   {
     std::lock_guard lock(machine->mutex_);
     machine->spawn_vcpu_threads(true);  // they wait for the restore's first kick
@@ -70,6 +74,9 @@ std::unique_ptr<Machine> Machine::prepare(MachineConfig config, const std::vecto
   // thread on a busy host can wait milliseconds for its first time slice,
   // a sleeping one is woken within tens of microseconds.
   for (auto& stamps : machine->vcpu_stamps_) stamps.at_gate.wait(false);
+  for (size_t i = 0; i < machine->prestate_errors_.size(); ++i)
+    if (!machine->prestate_errors_[i].empty())
+      throw HypervisorError("preparing vCPU " + std::to_string(i) + " for a restore: " + machine->prestate_errors_[i]);
   return machine;
 }
 
@@ -225,6 +232,13 @@ void Machine::vcpu_thread(int index, bool wait_for_request) {
   // nobody (the coordinator only kicks attached vCPUs, then again every
   // kick_interval = 1 ms): it must not wait for a kick then.
   if (wait_for_request) {
+    if (prestated_ && prestate_targets_[index]) {
+      try {
+        vcpu.apply(*prestate_targets_[index]);  // its own state, on its own thread, before anything runs
+      } catch (const std::exception& e) {
+        prestate_errors_[index] = e.what();
+      }
+    }
     vcpu_stamps_[index].at_gate.store(true);
     vcpu_stamps_[index].at_gate.notify_all();
     if (!coordinator_.has_request()) vcpu.wait_for_kick();
@@ -234,6 +248,13 @@ void Machine::vcpu_thread(int index, bool wait_for_request) {
   auto capture = [&vcpu] { return vcpu.capture(); };
   auto apply = [this, &vcpu](const VcpuState& state) {
     if (vcpu.index() == inject_apply_failure_) throw HypervisorError("injected failure applying vCPU state");
+    if (prestated_) {  // the rest is in place since prepare(): only the TSC, so guest time continues from the snapshot
+      constexpr uint32_t kMsrTsc = 0x10;
+      for (const kvm_msr_entry& e : state.msrs)
+        if (e.index == kMsrTsc) vcpu.kvm().set_msrs({e});
+      vcpu_stamps_[vcpu.index()].applied.store(now_ns());
+      return;
+    }
     vcpu.apply(state);
     vcpu_stamps_[vcpu.index()].applied.store(now_ns());
   };

@@ -84,7 +84,13 @@ class Machine final : public Platform, public VcpuHost {
   // started and waiting for the restore. Its RAM is `memory_layers` mapped
   // MAP_PRIVATE, or, with none, an empty anonymous range the restore maps
   // the snapshot's images over. restore() takes these from the pool.
-  static std::unique_ptr<Machine> prepare(MachineConfig config, const std::vector<std::string>& memory_layers);
+  // With `state_path` (and layers) the snapshot's state is checked and put in
+  // place too: interrupt controllers and devices, and every vCPU's full state,
+  // applied by its own thread before it parks. The restore of such a machine
+  // sets only the clock and each vCPU's TSC (so guest time continues from the
+  // snapshot, not from the prepare) and releases the vCPUs.
+  static std::unique_ptr<Machine> prepare(MachineConfig config, const std::vector<std::string>& memory_layers,
+                                          const std::string& state_path = {});
 
   // A running machine continued from a snapshot: state file `state_path`
   // (snapshot/state_file.h), RAM from `memory_layers` (full image, then
@@ -156,6 +162,10 @@ class Machine final : public Platform, public VcpuHost {
   void vcpu_thread(int index, bool wait_for_request);
   void spawn_vcpu_threads(bool wait_for_request);
   void restore_state(const StateFile& state);  // VM-wide and device state, then threads at the gate
+  void restore_vm_state(const StateFile& state, bool with_clock);  // interrupt controllers, clock, devices
+  void prestate(const std::string& state_path);  // prepare() with a state: before the threads start
+  static std::unique_ptr<Machine> finish_prestated_restore(std::unique_ptr<Machine> machine, PhaseClock clock,
+                                                          std::chrono::nanoseconds deadline, int inject_apply_failure);
   void request_stop();
   void check_open() const;
 
@@ -176,6 +186,13 @@ class Machine final : public Platform, public VcpuHost {
   std::vector<std::unique_ptr<VirtioTransport>> virtio_;
   std::map<int, UniqueFd> console_host_ends_;  // device index -> the host end of its socketpair
   int inject_apply_failure_ = -1;  // tests: this vCPU's apply throws, as a broken state would
+  // prepare() with a state: what the vCPUs apply at the gate and what the
+  // restore sets again (clock, TSCs); prestated_ switches the restore's apply
+  // to TSC only. Written before the threads start or under the coordinator.
+  std::vector<std::optional<VcpuState>> prestate_targets_;
+  std::vector<std::string> prestate_errors_;  // by vCPU, written by its thread before at_gate
+  kvm_clock_data prestate_clock_{};
+  std::atomic<bool> prestated_{false};
   std::vector<std::thread> threads_;
   std::optional<PhaseClock> restore_clock_;  // set by restore()
   // Each vCPU's own restore stamps (steady-clock ns), written once by its

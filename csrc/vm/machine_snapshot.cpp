@@ -49,6 +49,39 @@ void align_tsc(std::vector<std::optional<VcpuState>>& targets) {
         if (m.index == kMsrTsc) m.data = tsc;
 }
 
+// A state file read and checked against this host: the machine's shape and
+// every vCPU's state, TSCs aligned. Throws the typed snapshot errors.
+struct LoadedState {
+  StateFile file;
+  MachineConfig config;
+  std::vector<std::optional<VcpuState>> targets;
+};
+
+LoadedState load_state(const std::string& state_path, PhaseClock* clock) {
+  LoadedState out{StateFile::read(state_path), {}, {}};
+  if (clock) clock->stamp("state_read");
+  BlobReader reader(out.file.get("machine"), state_path);
+  auto record = reader.pod<MachineRecordV1>();
+  reader.expect_end();
+  if (record.version != 1) throw SnapshotIncompatibleError("machine record version " + std::to_string(record.version));
+  Backend here = Kvm::instance().backend();
+  if (record.backend != static_cast<uint32_t>(here))
+    throw SnapshotIncompatibleError(std::string("snapshot was taken on ") +
+                                    backend_name(static_cast<Backend>(record.backend)) + ", this host is " +
+                                    backend_name(here));
+  if (record.cpuid_hash != cpuid_hash())
+    throw SnapshotIncompatibleError("snapshot was taken on a host with other CPU features (CPUID differs)");
+
+  out.targets.resize(record.vcpus);
+  for (uint32_t i = 0; i < record.vcpus; ++i)
+    if (out.file.has(vcpu_section(i)))
+      out.targets[i] = VcpuState::deserialize(out.file.get(vcpu_section(i)), state_path + " " + vcpu_section(i));
+  align_tsc(out.targets);
+  out.config = {record.memory_bytes, static_cast<int>(record.vcpus)};
+  if (clock) clock->stamp("state_parse");
+  return out;
+}
+
 }  // namespace
 
 SnapshotStats Machine::snapshot(const std::string& dir, std::chrono::nanoseconds deadline, bool resume) {
@@ -103,30 +136,20 @@ std::unique_ptr<Machine> Machine::restore(const std::string& state_path, const s
                                           const std::vector<DeviceSpec>& devices, std::chrono::nanoseconds deadline,
                                           int inject_apply_failure) {
   PhaseClock clock;
-  StateFile state = StateFile::read(state_path);
-  clock.stamp("state_read");
-  BlobReader reader(state.get("machine"), state_path);
-  auto record = reader.pod<MachineRecordV1>();
-  reader.expect_end();
-  if (record.version != 1) throw SnapshotIncompatibleError("machine record version " + std::to_string(record.version));
-  Backend here = Kvm::instance().backend();
-  if (record.backend != static_cast<uint32_t>(here))
-    throw SnapshotIncompatibleError(std::string("snapshot was taken on ") +
-                                    backend_name(static_cast<Backend>(record.backend)) + ", this host is " +
-                                    backend_name(here));
-  if (record.cpuid_hash != cpuid_hash())
-    throw SnapshotIncompatibleError("snapshot was taken on a host with other CPU features (CPUID differs)");
-
-  std::vector<std::optional<VcpuState>> targets(record.vcpus);
-  for (uint32_t i = 0; i < record.vcpus; ++i)
-    if (state.has(vcpu_section(i)))
-      targets[i] = VcpuState::deserialize(state.get(vcpu_section(i)), state_path + " " + vcpu_section(i));
-  align_tsc(targets);
-  clock.stamp("state_parse");
-
-  MachineConfig config{record.memory_bytes, static_cast<int>(record.vcpus)};
-  check_config(config);
   VmPool& pool = VmPool::instance();
+  if (devices.empty()) {
+    // A machine prepared with this very state (and images): checked, set and
+    // applied already.
+    if (std::unique_ptr<Machine> machine = pool.take_prestated(state_path, memory_layers)) {
+      clock.stamp("pool_take");
+      return finish_prestated_restore(std::move(machine), std::move(clock), deadline, inject_apply_failure);
+    }
+  }
+  LoadedState loaded = load_state(state_path, &clock);
+  const StateFile& state = loaded.file;
+  std::vector<std::optional<VcpuState>>& targets = loaded.targets;
+  MachineConfig config = loaded.config;
+  check_config(config);
   std::unique_ptr<Machine> machine = pool.take({config.memory_bytes, config.vcpus, memory_layers});
   if (machine) {
     clock.stamp("pool_take");  // these images, already mapped
@@ -179,6 +202,14 @@ double Machine::restore_started() const {
 }
 
 void Machine::restore_state(const StateFile& state) {
+  restore_vm_state(state, true);
+  std::lock_guard lock(mutex_);
+  started_ = true;
+  loop_.start();
+  if (threads_.empty()) spawn_vcpu_threads(true);  // a prepared machine's wait at the gate already
+}
+
+void Machine::restore_vm_state(const StateFile& state, bool with_clock) {
   // VM-wide state first: the interrupt controllers and the clock must be
   // in place before any vCPU runs.
   for (uint32_t chip : kIrqChips) {
@@ -187,8 +218,10 @@ void Machine::restore_state(const StateFile& state) {
     r.expect_end();
   }
   BlobReader clock(state.get("vm.clock"), "vm.clock");
-  vm_.set_clock(clock.pod<kvm_clock_data>());
+  auto clock_data = clock.pod<kvm_clock_data>();
   clock.expect_end();
+  if (with_clock) vm_.set_clock(clock_data);
+  prestate_clock_ = clock_data;
   for (Device* device : devices_) {
     std::string name = "device." + device->name();
     if (state.has(name)) {
@@ -197,10 +230,41 @@ void Machine::restore_state(const StateFile& state) {
       throw SnapshotIncompatibleError("snapshot has no state for " + device->name() + ": restore with the same devices");
     }
   }
-  std::lock_guard lock(mutex_);
-  started_ = true;
-  loop_.start();
-  if (threads_.empty()) spawn_vcpu_threads(true);  // a prepared machine's wait at the gate already
+}
+
+void Machine::prestate(const std::string& state_path) {
+  LoadedState loaded = load_state(state_path, nullptr);
+  if (loaded.config.memory_bytes != config_.memory_bytes || loaded.config.vcpus != config_.vcpus)
+    throw SnapshotIncompatibleError(state_path + " is not a snapshot of this machine's shape");
+  restore_vm_state(loaded.file, false);  // the clock is set at the restore itself
+  prestate_targets_ = std::move(loaded.targets);
+  prestate_errors_.assign(config_.vcpus, {});
+  prestated_ = true;
+}
+
+std::unique_ptr<Machine> Machine::finish_prestated_restore(std::unique_ptr<Machine> machine, PhaseClock clock,
+                                                           std::chrono::nanoseconds deadline,
+                                                           int inject_apply_failure) {
+  machine->inject_apply_failure_ = inject_apply_failure;
+  machine->vm_.set_clock(machine->prestate_clock_);
+  {
+    std::lock_guard lock(machine->mutex_);
+    machine->started_ = true;
+    machine->loop_.start();
+  }
+  clock.stamp("vm_state_threads");
+  try {
+    // Phase 1 sets each vCPU's TSC to the snapshot's (prestated_), phase 2 runs them.
+    machine->coordinator_.restore(std::move(machine->prestate_targets_), deadline);
+  } catch (const DeadlineExceeded& e) {
+    throw DeadlineError(std::string("restore: ") + e.what(), static_cast<int>(e.vcpu));
+  } catch (const VcpuFailed& e) {
+    throw DeadlineError(std::string("restore: ") + e.what(), static_cast<int>(e.vcpu));
+  }
+  machine->prestated_ = false;
+  clock.stamp("vcpu_apply");
+  machine->restore_clock_ = std::move(clock);
+  return machine;
 }
 
 }  // namespace cellvm

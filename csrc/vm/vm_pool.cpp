@@ -54,6 +54,17 @@ std::unique_ptr<Machine> VmPool::take(const Key& key) {
   return machine;
 }
 
+std::unique_ptr<Machine> VmPool::take_prestated(const std::string& state, const std::vector<std::string>& layers) {
+  {
+    std::lock_guard lock(mutex_);
+    if (entries_.empty()) return nullptr;
+  }
+  for (const Status& s : status())  // few keys: a scan is fine
+    if (s.key.state == state && s.key.layers == layers && s.ready > 0)
+      if (std::unique_ptr<Machine> machine = take(s.key)) return machine;
+  return nullptr;
+}
+
 int VmPool::wait_ready(const Key& key, int count, std::chrono::nanoseconds timeout) {
   std::unique_lock lock(mutex_);
   auto ready = [&] {
@@ -112,7 +123,7 @@ void VmPool::worker() {
     std::unique_ptr<Machine> machine;
     std::string error;
     try {
-      machine = Machine::prepare({key.memory_bytes, key.vcpus}, key.layers);
+      machine = Machine::prepare({key.memory_bytes, key.vcpus}, key.layers, key.state);
     } catch (const std::exception& e) {
       error = e.what();
     }

@@ -15,6 +15,10 @@
 //   - shape and images: RAM already is those images mapped MAP_PRIVATE, so
 //     the restore skips the mapping too. Snapshot directories are immutable,
 //     so a path names its content.
+//   - shape, images and state file: the state is read, checked and put in
+//     place as well (Machine::prepare), so the restore only sets the clock and
+//     the TSCs and runs. Such a machine holds the state as it was read when it
+//     was prepared; a restore that attaches devices does not use it.
 // Machine::restore() takes a machine from the pool when one of the right key
 // is ready (images first, then shape) and builds a new one otherwise, so the
 // pool changes how fast a restore is, never what it does. Every target is 0
@@ -43,6 +47,7 @@ class VmPool {
     uint64_t memory_bytes = 0;
     int vcpus = 0;
     std::vector<std::string> layers;  // empty: RAM is mapped at restore time
+    std::string state;                // non-empty: the state is in place too (needs layers)
     auto operator<=>(const Key&) const = default;
   };
   struct Status {
@@ -66,6 +71,8 @@ class VmPool {
   // A prepared machine of `key`, or nullptr if none is ready. Never builds
   // (the worker refills behind it).
   std::unique_ptr<Machine> take(const Key& key);
+  // A machine prepared with this state file and these images, any shape.
+  std::unique_ptr<Machine> take_prestated(const std::string& state, const std::vector<std::string>& layers);
   // Blocks until `key` has `count` ready machines (or its build failed, or
   // `timeout` passed); returns how many are ready.
   int wait_ready(const Key& key, int count, std::chrono::nanoseconds timeout);

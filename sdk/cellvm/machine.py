@@ -98,11 +98,16 @@ class Machine:
         return cls._wrap(core, snapshot, devices)
 
     @staticmethod
-    def _pool_key(snapshot: Snapshot | str | os.PathLike[str], premap: bool) -> tuple[int, int, list[str]]:
+    def _pool_key(snapshot: Snapshot | str | os.PathLike[str], premap: bool) -> tuple[int, int, list[str], str]:
         if not isinstance(snapshot, Snapshot):
             snapshot = Snapshot.open(snapshot)
-        layers = list(snapshot.restore_paths[1]) if premap else []
-        return snapshot.memory_bytes >> 20, snapshot.vcpus, layers
+        if not premap:
+            return snapshot.memory_bytes >> 20, snapshot.vcpus, [], ""
+        state, layers = snapshot.restore_paths
+        # A restore that attaches devices sets their state itself: only the memory is prepared then.
+        if snapshot.metadata.get("devices"):
+            state = ""
+        return snapshot.memory_bytes >> 20, snapshot.vcpus, list(layers), state
 
     @classmethod
     def prepare_restores(cls, snapshot: Snapshot | str | os.PathLike[str], count: int, *, premap: bool = True) -> None:
@@ -111,11 +116,13 @@ class Machine:
         vCPU threads ahead of time, so `restore` only maps memory, sets state
         and runs; it uses them automatically and the thread refills behind it.
         premap=True: the snapshot's memory is mapped ahead too (for restores of
-        this snapshot only); premap=False: for any snapshot of its shape
+        this snapshot only; with no virtio devices its state is read and
+        applied ahead as well, so the restore only sets the clock and TSCs);
+        premap=False: for any snapshot of its shape
         (memory size, vCPUs). 0 drops them. Each costs a VM's kernel memory
         and idle threads while it waits."""
-        mib, vcpus, layers = cls._pool_key(snapshot, premap)
-        _core.vm_pool_set_target(mib, vcpus, layers, count)
+        mib, vcpus, layers, state = cls._pool_key(snapshot, premap)
+        _core.vm_pool_set_target(mib, vcpus, layers, count, state=state)
 
     @classmethod
     def wait_prepared(
@@ -124,10 +131,11 @@ class Machine:
         """Block until `count` prepared machines (see prepare_restores) are
         ready or `timeout` seconds passed; returns how many are. Raises
         HypervisorError if building them failed."""
-        mib, vcpus, layers = cls._pool_key(snapshot, premap)
-        ready = _core.vm_pool_wait(mib, vcpus, layers, count, timeout)
+        mib, vcpus, layers, state = cls._pool_key(snapshot, premap)
+        ready = _core.vm_pool_wait(mib, vcpus, layers, count, timeout, state=state)
         for entry in _core.vm_pool_status():
-            if (entry["memory_mib"], entry["vcpus"], entry["layers"]) == (mib, vcpus, layers) and entry["error"]:
+            key = (entry["memory_mib"], entry["vcpus"], entry["layers"], entry["state"])
+            if key == (mib, vcpus, layers, state) and entry["error"]:
                 raise HypervisorError(f"preparing machines for restores failed: {entry['error']}")
         return ready
 

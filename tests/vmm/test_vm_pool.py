@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from cellvm import _core, testguest
-from cellvm.errors import SnapshotCorrupt
+from cellvm.errors import HypervisorError, SnapshotCorrupt
 from cellvm.machine import Machine
 from cellvm.snapshot import Snapshot
 from cellvm.testguest import Mode, read_results
@@ -73,6 +73,7 @@ def test_a_prepared_machine_restores_the_same_state(snapshot: Snapshot, premap: 
         with Machine.restore(snapshot) as clone:
             assert "pool_take" in phases(clone)
             assert ("memory_map" in phases(clone)) == (not premap)  # premapped: the images are already there
+            assert ("state_read" in phases(clone)) == (not premap)  # and the state is in place
             states = clone.pause()
             now = counters(clone)
             assert all(n >= s for n, s in zip(now, at_snapshot)), (now, at_snapshot)
@@ -160,3 +161,33 @@ def test_a_prepared_machine_of_another_shape_is_not_used(snapshot: Snapshot) -> 
     with Machine.restore(snapshot) as clone:
         assert "pool_take" not in phases(clone)
     assert _core.vm_pool_status()[0]["ready"] == 1
+
+
+def test_a_corrupt_state_fails_its_prepared_machines_and_the_restore(snapshot: Snapshot) -> None:
+    size = os.path.getsize(snapshot.path / "state.bin")
+    with open(snapshot.path / "state.bin", "r+b") as f:
+        f.seek(size // 2)
+        f.write(b"\xff\xfe\xfd")
+    Machine.prepare_restores(snapshot, 1, premap=True)
+    with pytest.raises(HypervisorError, match="checksum"):
+        Machine.wait_prepared(snapshot, 1, premap=True)
+    with pytest.raises(SnapshotCorrupt, match="checksum"):
+        Machine.restore(snapshot)
+
+
+def test_prestated_machines_serve_forks_of_one_snapshot(snapshot: Snapshot) -> None:
+    at_snapshot = saved_counters(snapshot)
+    Machine.prepare_restores(snapshot, 4, premap=True)
+    assert Machine.wait_prepared(snapshot, 4, premap=True) == 4
+    clones = [Machine.restore(snapshot) for _ in range(4)]
+    try:
+        for clone in clones:
+            assert "pool_take" in phases(clone) and "state_read" not in phases(clone)
+        for clone in clones:
+            wait_for_progress(clone, at_snapshot)
+        for clone in clones:
+            clone.pause()
+        assert len({counters(c) for c in clones}) == 4  # each counts on its own
+    finally:
+        for clone in clones:
+            clone.close()
