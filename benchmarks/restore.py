@@ -255,6 +255,29 @@ def idle_rss(snap: Snapshot, count: int) -> dict[str, float]:
     }
 
 
+def meminfo() -> dict[str, int]:
+    out = {}
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        key, value = line.split(":", 1)
+        out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+def prepared_cost(snap: Snapshot, count: int) -> dict[str, float]:
+    """Host memory per prepared (premapped) machine waiting in the pool:
+    process Rss, and the kernel's (Slab + KernelStack + PageTables + vmalloc,
+    from /proc/meminfo, so other processes' activity is in it too: indicative)."""
+    gc.collect()
+    before, kbefore = rollup(), meminfo()
+    Machine.prepare_restores(snap, count)
+    Machine.wait_prepared(snap, count, timeout=60)
+    time.sleep(0.05)
+    after, kafter = rollup(), meminfo()
+    Machine.prepare_restores(snap, 0)
+    kernel = sum(kafter[k] - kbefore[k] for k in ("Slab", "KernelStack", "PageTables", "VmallocUsed"))
+    return {"rss": (after["Rss"] - before["Rss"]) / count, "kernel": kernel / count}
+
+
 # ------------------------------------------------------------------ forks
 
 
@@ -414,6 +437,10 @@ def print_rss(snap256: Snapshot) -> None:
         print(f"| {count} | {r['rss_delta'] / 1024:.0f} | {r['guest_touched'] / 1024:.0f} "
               f"({r['guest_cow'] / 1024:.0f}) | {r['beyond'] / 1024:.0f} | {goal} |")
     print()
+    cost = prepared_cost(snap256, 20)
+    print(f"A prepared (premapped) 256 MiB machine waiting in the pool, per machine (20 prepared): process Rss "
+          f"{cost['rss'] / 1024:.0f} KiB, kernel (slab, stacks, page tables, vmalloc; host-wide, indicative) "
+          f"{cost['kernel'] / 1024:.0f} KiB\n")
 
 
 
