@@ -1,4 +1,4 @@
-// EXEC request parsing and fork/exec (see spawn.h).
+// EXEC request parsing and vfork/exec (see spawn.h).
 #define _GNU_SOURCE
 #include "spawn.h"
 
@@ -365,7 +365,7 @@ int spawn_process(const struct exec_request *rq, struct spawned *out, int *err, 
 	fds[0] = fds[3] = fds[5] = fds[7] = -1;
 	if (pid < 0) {
 		close_all(fds, 9);
-		snprintf(why, why_len, "fork: %s", strerror(*err));
+		snprintf(why, why_len, "vfork: %s", strerror(*err));
 		return E_IO;
 	}
 

@@ -1,4 +1,4 @@
-// Starting one child: the parsed EXEC request and fork/exec with an error
+// Starting one child: the parsed EXEC request and vfork/exec with an error
 // channel, so "not found", "permission denied" and "bad cwd" reach the host
 // as distinct errors instead of an exit code 127.
 #ifndef CELLVM_AGENT_SPAWN_H

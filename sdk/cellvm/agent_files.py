@@ -68,12 +68,8 @@ class AgentFiles:
                     raise unexpected(frame, "FILE_DATA or RESULT")
         finally:
             client._close_stream(stream)
-            if not finished and client._closed is None:
-                with anyio.CancelScope(shield=True):
-                    try:
-                        await client.send_frame(MsgType.CANCEL, stream.id)
-                    except AgentDisconnected:
-                        pass
+            if not finished:
+                await _cancel(client, stream)
 
     async def write(
         self,
@@ -91,6 +87,7 @@ class AgentFiles:
         fields: list[tuple[int, int | bool | str]] = [(Field.PATH, path), (Field.APPEND, append)]
         if mode is not None:
             fields.append((Field.MODE, mode))
+        answered = False
         try:
             await client.send_frame(MsgType.FILE_WRITE, stream.id, encode_fields(fields))
             if isinstance(data, bytes | bytearray | memoryview):
@@ -102,6 +99,7 @@ class AgentFiles:
             if not stream.finished:
                 await client.send_frame(MsgType.FILE_DATA, stream.id, b"", Flag.EOF)
             frame = await stream.next_frame()
+            answered = True
             if frame.type == MsgType.ERROR:
                 raise error_from(frame, "file")
             if frame.type != MsgType.RESULT:
@@ -109,6 +107,8 @@ class AgentFiles:
             return Fields(frame.payload).get_int(Field.SIZE, 0) or 0
         finally:
             client._close_stream(stream)
+            if not answered:  # cancelled, or the data source failed: the agent closes the file
+                await _cancel(client, stream)
 
     async def _send_data(self, stream: Stream, data: bytes | bytearray | memoryview) -> bool:
         """Sends within the agent's window; False once the agent has ended
@@ -164,3 +164,14 @@ def _file_info(fields: Fields, name: str | None = None) -> FileInfo:
         gid=fields.get_int(Field.GID),
         target=target,
     )
+
+
+async def _cancel(client: AgentClient, stream: Stream) -> None:
+    """Tells the agent to drop a file stream we no longer follow."""
+    if client._closed is not None:
+        return
+    with anyio.CancelScope(shield=True):
+        try:
+            await client.send_frame(MsgType.CANCEL, stream.id)
+        except AgentDisconnected:
+            pass

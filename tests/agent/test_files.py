@@ -147,3 +147,20 @@ async def test_wrong_kinds(agent: AgentClient, tmp_path: Path) -> None:
     with pytest.raises(GuestFileError) as info:
         await agent.files.remove("/", recursive=True)
     assert info.value.code == "invalid"
+
+
+async def test_abandoned_write_is_cancelled(agent: AgentClient, tmp_path: Path) -> None:
+    class SourceBroke(Exception):
+        pass
+
+    async def failing_source():
+        yield b"first part"
+        raise SourceBroke
+
+    path = tmp_path / "partial"
+    for _ in range(300):  # more than the agent's 256 stream slots: each one is freed
+        with pytest.raises(SourceBroke):
+            await agent.files.write(str(path), failing_source())
+    await agent.hello()  # frames are handled in order: the CANCELs are done
+    assert path.read_bytes() == b"first part"
+    assert await agent.files.write(str(path), b"whole") == 5
