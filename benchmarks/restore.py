@@ -17,12 +17,14 @@ variant alike):
     - pool (shape): a machine of the snapshot's shape prepared in advance by
       ``Machine.prepare_restores(snapshot, n, premap=False)``; the restore
       maps the images over its RAM;
-    - pool (premapped): prepared with the snapshot's images already mapped.
+    - pool (premapped): prepared with the snapshot's images already mapped
+      and its state read, checked and applied; the restore sets the clock and
+      the TSCs and runs.
   Before each pool restore the benchmark waits until the pool holds a ready
   machine (outside the timed region): it measures a restore from a warm pool.
 * Where restore time goes: the medians of ``restore_phases()`` per variant.
 * Host RSS of one idle restored VM beyond the guest pages it touched (see
-  ``idle_rss`` for the method).
+  ``idle_rss`` for the method), and the memory a prepared machine holds.
 * 100 restores of one snapshot, each running to its first MMIO write: wall
   time from the first call to the last first write; and ``Machine.fork(100)``.
 * Snapshot time against pages dirtied (1, 4, 16, 256 MiB): the guest (DIRTY
@@ -34,8 +36,9 @@ Goals (issue 6): restore p50 <= 2 ms at any size; idle RSS <= 2 MiB beyond
 touched pages; 100 forks <= 1 s; a diff snapshot of 4 MiB dirtied <= 5 ms.
 The exit code is 0 even when a goal is missed (this is a measurement).
 
-    .venv/bin/python benchmarks/restore.py            # full run (a few minutes on a busy host)
-    .venv/bin/python benchmarks/restore.py --quick    # short run
+    .venv/bin/python benchmarks/restore.py                  # full run (about 45 s here)
+    .venv/bin/python benchmarks/restore.py --quick          # 10 runs per variant
+    .venv/bin/python benchmarks/restore.py --only latency   # or rss, forks, snapshot; RUNS=n sets the count
 """
 
 from __future__ import annotations
