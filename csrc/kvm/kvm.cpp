@@ -171,6 +171,9 @@ KvmVcpu::KvmVcpu(int index, UniqueFd fd) : index_(index), fd_(std::move(fd)) {
   void* addr = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd_.get(), 0);
   if (addr == MAP_FAILED) throw HypervisorError::from_errno("mmap(kvm_run)");
   run_ = Mapping(addr, size);
+  // Now, not lazily: KVM_GET_STATS_FD takes the vCPU mutex, which a vCPU
+  // blocked in KVM_RUN (halted) holds, so a later call could wait forever.
+  stats_ = std::make_unique<VcpuStats>(fd_.get());
 }
 
 bool KvmVcpu::run() {

@@ -304,6 +304,9 @@ void Machine::request_stop() {
   }
   coordinator_.shutdown();
   for (auto& vcpu : vcpus_) vcpu->kick();
+  // The host side of every console sees EOF at once (the SDK's dups share
+  // the socket), so a client waiting on the agent learns the VM is gone.
+  for (auto& [index, host_end] : console_host_ends_) ::shutdown(host_end.get(), SHUT_RDWR);
   stopped_cv_.notify_all();
 }
 
