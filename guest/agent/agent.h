@@ -41,6 +41,7 @@ int64_t monotonic_ms(void);
 #define OUT_HIGH_WATER (1u << 20)
 void conn_init(int in_fd, int out_fd);
 void conn_poll(struct pollset *ps);
+void conn_flush(void); // writes what the socket takes now, without waiting
 int conn_closed(void);
 int conn_has_room(void);
 void send_frame(uint16_t type, uint32_t id, uint16_t flags, const void *payload, size_t len);

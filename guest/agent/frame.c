@@ -187,6 +187,12 @@ static void on_writable(void *ctx, short revents)
 	}
 }
 
+void conn_flush(void)
+{
+	if (!conn.closed && conn.out.len)
+		on_writable(NULL, 0);
+}
+
 void conn_poll(struct pollset *ps)
 {
 	if (conn.closed)

@@ -243,6 +243,8 @@ static void serve(int in_fd, int out_fd)
 				ps.handlers[i](ps.ctxs[i], ps.fds[i].revents);
 		exec_after_poll();
 		files_after_poll();
+		// Replies go out now rather than after one more poll() round.
+		conn_flush();
 	}
 	// The host went away: everything started for it goes too.
 	exec_kill_all();
