@@ -22,6 +22,7 @@ from cellvm.images import Image, ImageStore, PullReporter, pull
 from cellvm.images.reference import parse_reference
 from cellvm.images.rootfs import FORMATS
 from cellvm.images.sources import local_source
+from cellvm.run import add_run
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -177,7 +178,7 @@ def run_prune(args: argparse.Namespace) -> int:
 
 # -- entry point ---------------------------------------------------------------------------------
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_pull, add_images, add_rm, add_prune]
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_run, add_pull, add_images, add_rm, add_prune]
 
 
 def build_parser() -> argparse.ArgumentParser:

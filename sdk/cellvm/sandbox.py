@@ -308,6 +308,8 @@ class Sandbox:
         user: str | None = None,
         stdin: bool = False,
         pty: bool = False,
+        rows: int = 24,
+        cols: int = 80,
         timeout: float | None = None,
     ) -> AsyncIterator[Process]:
         """Start a command and stream it: ``async for chunk in p`` (chunks of
@@ -315,7 +317,7 @@ class Sandbox:
         ``await p.wait()``."""
         async with self._crash_as_error():
             async with self._client.process(
-                *argv, stdin=stdin, pty=pty, timeout=timeout, **self._defaults(env, cwd, user)
+                *argv, stdin=stdin, pty=pty, rows=rows, cols=cols, timeout=timeout, **self._defaults(env, cwd, user)
             ) as process:
                 yield process
 
