@@ -39,6 +39,7 @@ def agent_path() -> Path:
 
 
 def file_digest(path: Path) -> str:
+    """sha256 of a file, read in 1 MiB chunks."""
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

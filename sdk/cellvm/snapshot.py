@@ -13,7 +13,6 @@ complete (written under a temporary name, fsynced, renamed).
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 import shutil
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from cellvm import _core
+from cellvm.guest import file_digest
 from cellvm.errors import SnapshotCorrupt, SnapshotError, SnapshotIncompatible
 
 FORMAT = 1
@@ -37,14 +37,6 @@ def default_snapshot_root() -> Path:
     shm = Path("/dev/shm")
     base = shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
     return base / "cellvm-snapshots"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -127,7 +119,7 @@ class Snapshot:
     def verify(self) -> None:
         """Checks state.bin against its recorded digest (memory.bin is only
         size-checked at restore: hashing GiBs would defeat a fast restore)."""
-        if _sha256(self.path / "state.bin") != self.metadata.get("state_sha256"):
+        if file_digest(self.path / "state.bin") != self.metadata.get("state_sha256"):
             raise SnapshotCorrupt(f"{self.path}/state.bin does not match its recorded digest")
 
     def flatten(self, path: str | os.PathLike[str]) -> Snapshot:
@@ -168,7 +160,7 @@ class _staging:
 
 
 def _write_metadata(directory: Path, metadata: dict[str, Any]) -> None:
-    metadata = dict(metadata, state_sha256=_sha256(directory / "state.bin"))
+    metadata = dict(metadata, state_sha256=file_digest(directory / "state.bin"))
     target = directory / "metadata.json"
     with target.open("w") as f:
         json.dump(metadata, f, indent=2, sort_keys=True)

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import enum
 import struct
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cellvm import _core
 
@@ -105,3 +107,17 @@ def start(mode: Mode, *, vcpus: int = 1, a: int = 0, b: int = 0, memory_mib: int
         machine.close()
         raise
     return machine
+
+
+def counters(machine: Any) -> tuple[int, ...]:
+    """The COUNTER mode's per-vCPU counts (a cellvm.machine.Machine or a _core.Machine)."""
+    core = getattr(machine, "core", machine)
+    return read_results(core).counters[: core.vcpus]
+
+
+def wait_for_progress(machine: Any, beyond: tuple[int, ...], timeout: float = 10.0) -> None:
+    """Waits until every vCPU's count passed `beyond`; AssertionError if it does not in time."""
+    deadline = time.monotonic() + timeout
+    while not all(now > then for now, then in zip(counters(machine), beyond)):
+        assert time.monotonic() < deadline, f"counters stuck at {counters(machine)}, expected beyond {beyond}"
+        time.sleep(0.001)

@@ -13,7 +13,7 @@ from cellvm import _core, testguest
 from cellvm.errors import DeadlineExceeded, SnapshotCorrupt, SnapshotIncompatible
 from cellvm.machine import Machine
 from cellvm.snapshot import Snapshot
-from cellvm.testguest import Mode, read_results
+from cellvm.testguest import Mode, counters, read_results, wait_for_progress
 
 pytestmark = pytest.mark.usefixtures("kvm")
 
@@ -29,17 +29,6 @@ def counting_machine(vcpus: int = 2) -> Machine:
         assert time.monotonic() < deadline
         time.sleep(0.001)
     return m
-
-
-def counters(m: Machine) -> tuple[int, ...]:
-    return read_results(m.core).counters[: m.vcpus]
-
-
-def wait_for_progress(m: Machine, beyond: tuple[int, ...]) -> None:
-    deadline = time.monotonic() + 10
-    while not all(now > then for now, then in zip(counters(m), beyond)):
-        assert time.monotonic() < deadline, f"counters stuck at {counters(m)}, expected beyond {beyond}"
-        time.sleep(0.001)
 
 
 @pytest.fixture

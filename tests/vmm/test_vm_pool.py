@@ -15,7 +15,7 @@ from cellvm import _core, testguest
 from cellvm.errors import HypervisorError, SnapshotCorrupt
 from cellvm.machine import Machine
 from cellvm.snapshot import Snapshot
-from cellvm.testguest import Mode, read_results
+from cellvm.testguest import Mode, counters, read_results, wait_for_progress
 
 pytestmark = pytest.mark.usefixtures("kvm")
 
@@ -28,17 +28,6 @@ def empty_pool() -> Iterator[None]:
     yield
     _core.vm_pool_clear()
     assert _core.vm_pool_status() == []
-
-
-def counters(m: Machine) -> tuple[int, ...]:
-    return read_results(m.core).counters[: m.vcpus]
-
-
-def wait_for_progress(m: Machine, beyond: tuple[int, ...]) -> None:
-    deadline = time.monotonic() + 10
-    while not all(now > then for now, then in zip(counters(m), beyond)):
-        assert time.monotonic() < deadline, f"counters stuck at {counters(m)}, expected beyond {beyond}"
-        time.sleep(0.001)
 
 
 @pytest.fixture
