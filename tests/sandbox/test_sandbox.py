@@ -162,3 +162,13 @@ async def test_200_sandboxes_leave_no_trace() -> None:
     assert fds_after == fds
     assert threads_after <= threads  # anyio's worker threads may retire, never pile up
     assert rss_after - rss < 32 << 20, f"RSS grew {(rss_after - rss) >> 20} MiB"
+
+
+def test_blocking_facade(mirrored_registry) -> None:  # noqa: ARG001 - the fixture points docker.io at the registry
+    from cellvm.blocking import Sandbox as BlockingSandbox
+
+    with BlockingSandbox(BUSYBOX) as s:
+        assert s.exec("echo", "blocking").stdout == "blocking\n"
+        s.write_file("/tmp/f", b"x" * 1000)
+        assert s.read_file("/tmp/f") == b"x" * 1000
+        assert [e.name for e in s.list_dir("/tmp")] == ["f"]
