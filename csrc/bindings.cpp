@@ -128,12 +128,13 @@ NB_MODULE(_core, m) {
   m.def(
       "vm_pool_set_target",
       [pool_key](uint64_t memory_mib, int vcpus, const std::vector<std::string>& layers, int count,
-                 const std::string& state) {
-        VmPool::instance().set_target(pool_key(memory_mib, vcpus, layers, state), count);
+                 const std::string& state, const std::string& working_set) {
+        VmPool::instance().set_target(pool_key(memory_mib, vcpus, layers, state), count, working_set);
       },
-      "memory_mib"_a, "vcpus"_a, "layers"_a, "count"_a, "state"_a = "", ReleaseGil(),
+      "memory_mib"_a, "vcpus"_a, "layers"_a, "count"_a, "state"_a = "", "working_set"_a = "", ReleaseGil(),
       "Keep `count` machines of this shape prepared for restores (layers: premapped memory images, or [] "
-      "for any snapshot of the shape; state: also that state.bin applied); 0 drops them.");
+      "for any snapshot of the shape; state: also that state.bin applied; working_set: a file from "
+      "Machine.write_working_set whose pages are copied ahead); 0 drops them.");
   m.def(
       "vm_pool_wait",
       [pool_key](uint64_t memory_mib, int vcpus, const std::vector<std::string>& layers, int count, double timeout,
@@ -217,6 +218,10 @@ NB_MODULE(_core, m) {
       .def("restore_phases", &Machine::restore_phases,
            "Where the last restore's time went: [(phase, its end in seconds after the restore began)], "
            "then first_exit.<vCPU>. Empty if this machine was not restored.")
+      .def("resident_pages", &Machine::resident_pages, ReleaseGil(),
+           "Guest pages resident in this process's mapping of guest RAM, as runs [(first page, count)].")
+      .def("write_working_set", &Machine::write_working_set, "path"_a, ReleaseGil(),
+           "Write resident_pages() to `path` as a working set for prepared machines (vm_pool_set_target).")
       .def_prop_ro("restore_started", &Machine::restore_started,
                    "When the restore began (time.monotonic() seconds); 0 if not restored.")
       .def("start", &Machine::start, ReleaseGil(), "Start every vCPU thread.")

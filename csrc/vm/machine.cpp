@@ -58,12 +58,15 @@ Machine::Machine(MachineConfig config, const std::vector<std::string>& memory_la
     : Machine((check_config(config), config), memory_for(config, memory_layers), nullptr) {}
 
 std::unique_ptr<Machine> Machine::prepare(MachineConfig config, const std::vector<std::string>& memory_layers,
-                                          const std::string& state_path) {
+                                          const std::string& state_path, const std::string& working_set) {
   check_config(config);
   if (!state_path.empty() && memory_layers.empty())
     throw std::invalid_argument("a machine prepared with a state needs its memory images too");
   GuestMemory memory = memory_layers.empty() ? GuestMemory::reserved(config.memory_bytes)
                                              : GuestMemory(map_memory_layers(memory_layers, config.memory_bytes));
+  // Before the memslot: copying pages under a registered slot would make
+  // KVM's MMU notifier run for every one of them.
+  if (!working_set.empty() && !memory_layers.empty()) prefetch_working_set(memory, working_set);
   std::unique_ptr<Machine> machine(new Machine(config, std::move(memory), nullptr));
   if (!state_path.empty()) machine->prestate(state_path);
   {

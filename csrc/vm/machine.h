@@ -89,8 +89,13 @@ class Machine final : public Platform, public VcpuHost {
   // applied by its own thread before it parks. The restore of such a machine
   // sets only the clock and each vCPU's TSC (so guest time continues from the
   // snapshot, not from the prepare) and releases the vCPUs.
+  // With `working_set` (and layers): a file of the pages to copy ahead, as
+  // resident_pages() writes them (u64 first page, u64 count, little endian,
+  // repeated); those pages are made private (MADV_POPULATE_WRITE) before the
+  // memslot exists, so the restored guest's first touches of them are shadow
+  // faults on present, writable host pages instead of file-page COWs.
   static std::unique_ptr<Machine> prepare(MachineConfig config, const std::vector<std::string>& memory_layers,
-                                          const std::string& state_path = {});
+                                          const std::string& state_path = {}, const std::string& working_set = {});
 
   // A running machine continued from a snapshot: state file `state_path`
   // (snapshot/state_file.h), RAM from `memory_layers` (full image, then
@@ -109,6 +114,12 @@ class Machine final : public Platform, public VcpuHost {
   // image if this machine was itself restored), then resumes if `resume`.
   SnapshotStats snapshot(const std::string& dir, std::chrono::nanoseconds deadline, bool resume);
   bool memory_restored() const { return memory_->restored(); }
+  // The guest pages resident in this process's mapping of guest RAM (what
+  // the guest has touched, plus the file pages' fault-around), as runs
+  // (first page, count); /proc/self/pagemap, so not for hot paths.
+  std::vector<std::pair<uint64_t, uint64_t>> resident_pages() const;
+  // Writes resident_pages() in the working-set file format of prepare().
+  void write_working_set(const std::string& path) const;
   // Where the last restore's time went: (phase, its end in seconds after
   // the restore began), in order; "start" is 0. See machine_snapshot.cpp.
   // Empty for a machine that was not restored.
@@ -159,6 +170,7 @@ class Machine final : public Platform, public VcpuHost {
  private:
   Machine(MachineConfig config, GuestMemory memory, PhaseClock* clock);
   static void check_config(const MachineConfig& config);
+  static void prefetch_working_set(GuestMemory& memory, const std::string& path);
   void vcpu_thread(int index, bool wait_for_request);
   void spawn_vcpu_threads(bool wait_for_request);
   void restore_state(const StateFile& state);  // VM-wide and device state, then threads at the gate

@@ -18,7 +18,7 @@ void VmPool::ensure_worker() {
   if (!worker_.joinable()) worker_ = std::thread(&VmPool::worker, this);
 }
 
-void VmPool::set_target(const Key& key, int count) {
+void VmPool::set_target(const Key& key, int count, const std::string& working_set) {
   if (count < 0) throw std::invalid_argument("a pool target must be >= 0");
   std::vector<std::unique_ptr<Machine>> dropped;
   {
@@ -31,6 +31,7 @@ void VmPool::set_target(const Key& key, int count) {
     } else {
       Entry& entry = entries_[key];
       entry.target = count;
+      entry.working_set = working_set;
       entry.error.clear();  // a new request retries a key whose build failed
       while (static_cast<int>(entry.ready.size()) > count) {
         dropped.push_back(std::move(entry.ready.back()));
@@ -119,11 +120,12 @@ void VmPool::worker() {
       continue;
     }
     Key key = *wanted;
+    std::string working_set = entries_[key].working_set;
     lock.unlock();
     std::unique_ptr<Machine> machine;
     std::string error;
     try {
-      machine = Machine::prepare({key.memory_bytes, key.vcpus}, key.layers, key.state);
+      machine = Machine::prepare({key.memory_bytes, key.vcpus}, key.layers, key.state, working_set);
     } catch (const std::exception& e) {
       error = e.what();
     }

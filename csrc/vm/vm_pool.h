@@ -19,6 +19,11 @@
 //     place as well (Machine::prepare), so the restore only sets the clock and
 //     the TSCs and runs. Such a machine holds the state as it was read when it
 //     was prepared; a restore that attaches devices does not use it.
+// A premapped entry may also name a working set (Machine::prepare): the
+// pages a restored guest touched first, copied (pre-COWed) while the
+// machine is built, so the guest's first steps take cheaper shadow faults.
+// It belongs to the entry, not to its key: restores find the machine by its
+// images whatever was prefetched into it.
 // Machine::restore() takes a machine from the pool when one of the right key
 // is ready (images first, then shape) and builds a new one otherwise, so the
 // pool changes how fast a restore is, never what it does. Every target is 0
@@ -66,8 +71,9 @@ class VmPool {
   static VmPool& instance();
 
   // Keep `count` prepared machines of `key` ready; 0 drops the key and its
-  // machines. The worker builds them one at a time in the background.
-  void set_target(const Key& key, int count);
+  // machines. The worker builds them one at a time in the background, each
+  // with `working_set` (a file, see Machine::prepare) prefetched if given.
+  void set_target(const Key& key, int count, const std::string& working_set = {});
   // A prepared machine of `key`, or nullptr if none is ready. Never builds
   // (the worker refills behind it).
   std::unique_ptr<Machine> take(const Key& key);
@@ -84,6 +90,7 @@ class VmPool {
   VmPool() = default;
   struct Entry {
     int target = 0;
+    std::string working_set;
     std::vector<std::unique_ptr<Machine>> ready;
     std::string error;
   };

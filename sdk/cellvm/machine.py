@@ -110,7 +110,14 @@ class Machine:
         return snapshot.memory_bytes >> 20, snapshot.vcpus, list(layers), state
 
     @classmethod
-    def prepare_restores(cls, snapshot: Snapshot | str | os.PathLike[str], count: int, *, premap: bool = True) -> None:
+    def prepare_restores(
+        cls,
+        snapshot: Snapshot | str | os.PathLike[str],
+        count: int,
+        *,
+        premap: bool = True,
+        working_set: str | os.PathLike[str] | None = None,
+    ) -> None:
         """Keep `count` machines prepared for restores of `snapshot`: a
         background thread creates the VM, memslot, irqchip, vCPUs (CPUID) and
         vCPU threads ahead of time, so `restore` only maps memory, sets state
@@ -120,9 +127,14 @@ class Machine:
         applied ahead as well, so the restore only sets the clock and TSCs);
         premap=False: for any snapshot of its shape
         (memory size, vCPUs). 0 drops them. Each costs a VM's kernel memory
-        and idle threads while it waits."""
+        and idle threads while it waits. With premap, `working_set` (a file
+        from ``write_working_set()`` of an earlier restore of this snapshot)
+        names pages each prepared machine copies ahead, so the restored guest
+        does not take copy-on-write faults on them (they then count as its
+        memory while it waits)."""
         mib, vcpus, layers, state = cls._pool_key(snapshot, premap)
-        _core.vm_pool_set_target(mib, vcpus, layers, count, state=state)
+        ws = str(working_set) if working_set is not None and premap else ""
+        _core.vm_pool_set_target(mib, vcpus, layers, count, state=state, working_set=ws)
 
     @classmethod
     def wait_prepared(

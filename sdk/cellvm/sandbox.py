@@ -10,6 +10,14 @@ it once and saves a snapshot at agent-ready: the *template*. Every later
 Sandbox restores the template: a new VM continuing from that instant, with
 its own copy-on-write memory, then tells the agent it was restored (fresh
 entropy, the host's wall clock) before the first command.
+
+Restores are fast because of what is done ahead (BENCHMARKS.md, "Sandbox"):
+the bake also records the template's *working set*, the guest pages one
+restore touched up to the end of its first command; and a process keeps
+PREPARED_MACHINES machines per template ready in the VM pool
+(Machine.prepare_restores), each with the template's memory mapped and that
+working set already copied, so a restore neither creates a VM nor takes a
+copy-on-write fault for the pages a guest touches first.
 """
 
 from __future__ import annotations
@@ -36,9 +44,12 @@ from cellvm.machine import Machine
 from cellvm.snapshot import Snapshot
 
 #: Bumped when what a template contains changes meaning.
-TEMPLATE_FORMAT = 1
+TEMPLATE_FORMAT = 2  # 2: with the working set
 CONSOLE_DEVICE = 0  # the agent channel is the first device: /dev/hvc0
 RESTORE_TIMEOUT = 2.0  # seconds for every vCPU to take its state
+#: Machines kept prepared per template (CELLVM_SANDBOX_PREPARED; 0: none).
+PREPARED_MACHINES = int(os.environ.get("CELLVM_SANDBOX_PREPARED", "2"))
+WORKING_SET = "working-set.bin"  # in a template's directory, next to snapshot/
 
 
 @dataclass(frozen=True)
@@ -145,9 +156,42 @@ async def _bake(image: Image, directory: Path, *, cpus: int, memory_mib: int, bo
             snapshot = await anyio.to_thread.run_sync(
                 lambda: machine.snapshot(directory / "snapshot", resume=False)
             )
-        return snapshot
     finally:
         await anyio.to_thread.run_sync(machine.close)
+    await _record_working_set(snapshot, directory / WORKING_SET)
+    return snapshot
+
+
+async def _record_working_set(snapshot: Snapshot, path: Path) -> None:
+    """Restore the new template once, as a Sandbox does, run `true`, and keep
+    the guest pages that touched (plus the file pages' fault-around) in
+    `path`: prepared machines copy them ahead."""
+    machine = await anyio.to_thread.run_sync(lambda: Machine.restore(snapshot, timeout=RESTORE_TIMEOUT))
+    try:
+        stream = await SocketStream.from_socket(machine.console_socket(CONSOLE_DEVICE))
+        async with AgentClient(stream) as agent:
+            await agent.restored(os.urandom(64), time.time_ns())
+            await agent.exec("true")
+            partial = path.with_suffix(".partial")
+            await anyio.to_thread.run_sync(machine.write_working_set, str(partial))
+            partial.rename(path)
+    finally:
+        await anyio.to_thread.run_sync(machine.close)
+
+
+_prepared: set[Path] = set()
+
+
+def _keep_prepared(template: Snapshot) -> None:
+    """Once per process and template: keep PREPARED_MACHINES machines ready
+    for its restores (the pool's worker builds them in the background)."""
+    if PREPARED_MACHINES <= 0 or template.path in _prepared:
+        return
+    _prepared.add(template.path)
+    working_set = template.path.parent / WORKING_SET
+    Machine.prepare_restores(
+        template, PREPARED_MACHINES, working_set=working_set if working_set.exists() else None
+    )
 
 
 async def template_for(image: Image, *, cpus: int, memory_mib: int, boot_timeout: float = 30.0) -> Snapshot:
@@ -227,6 +271,7 @@ class Sandbox:
             self._source = await template_for(
                 image, cpus=self.cpus, memory_mib=self.memory_mib, boot_timeout=self.boot_timeout
             )
+            _keep_prepared(self._source)
         await self._restore(self._source)
 
     async def _restore(self, snapshot: Snapshot) -> None:

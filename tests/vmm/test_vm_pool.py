@@ -180,3 +180,44 @@ def test_prestated_machines_serve_forks_of_one_snapshot(snapshot: Snapshot) -> N
     finally:
         for clone in clones:
             clone.close()
+
+
+def test_a_working_set_is_copied_ahead_and_changes_nothing(snapshot: Snapshot, tmp_path: Path) -> None:
+    marker = 0x300000
+    at_snapshot = saved_counters(snapshot)
+    with Machine.restore(snapshot) as first:
+        wait_for_progress(first, counters(first))
+        touched = first.resident_pages()
+        first.write_working_set(str(tmp_path / "ws"))
+    assert touched and all(count > 0 for _, count in touched)
+    assert (tmp_path / "ws").stat().st_size == 16 * len(touched)
+    Machine.prepare_restores(snapshot, 2, working_set=tmp_path / "ws")
+    assert Machine.wait_prepared(snapshot, 2) == 2
+    a, b = Machine.restore(snapshot), Machine.restore(snapshot)
+    try:
+        assert "pool_take" in phases(a) and "pool_take" in phases(b)
+        resident = {page for first_page, count in a.resident_pages() for page in range(first_page, first_page + count)}
+        assert {page for first_page, count in touched for page in range(first_page, first_page + count)} <= resident
+        a.write_memory(marker, b"\x11" * 8)  # copied pages are still each machine's own
+        b.write_memory(marker, b"\x22" * 8)
+        assert a.read_memory(marker, 8) == b"\x11" * 8 and b.read_memory(marker, 8) == b"\x22" * 8
+        for clone in (a, b):
+            now = counters(clone)
+            assert all(n >= s for n, s in zip(now, at_snapshot)), (now, at_snapshot)
+            wait_for_progress(clone, now)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_working_set_beyond_memory_or_missing_is_harmless(snapshot: Snapshot, tmp_path: Path) -> None:
+    ws = tmp_path / "ws"
+    ws.write_bytes((1 << 40).to_bytes(8, "little") + (5).to_bytes(8, "little") + b"\x01\x02")  # beyond RAM, then a torn record
+    Machine.prepare_restores(snapshot, 1, working_set=ws)
+    assert Machine.wait_prepared(snapshot, 1) == 1
+    with Machine.restore(snapshot) as clone:
+        wait_for_progress(clone, counters(clone))
+    Machine.prepare_restores(snapshot, 0)
+    Machine.prepare_restores(snapshot, 1, working_set=tmp_path / "missing")
+    with pytest.raises(HypervisorError, match="working set"):
+        Machine.wait_prepared(snapshot, 1)
