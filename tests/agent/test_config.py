@@ -10,7 +10,7 @@ import pytest
 
 from cellvm.agent import AgentClient
 
-from conftest import Launcher
+from support.agent_host import Launcher
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
 

@@ -18,7 +18,7 @@ import pytest
 from anyio.abc import SocketStream
 
 from cellvm.agent import AgentClient
-from conftest import AgentProcess
+from support.agent_host import AgentProcess
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
 

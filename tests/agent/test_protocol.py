@@ -15,7 +15,7 @@ from cellvm.agent import AgentClient
 from cellvm.errors import AgentDisconnected, CellvmError, ProtocolError
 from cellvm.protocol import HEADER, MAX_PAYLOAD, PROTOCOL_VERSION, Field, MsgType, encode_fields
 
-from conftest import AgentProcess, Launcher
+from support.agent_host import AgentProcess, Launcher
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
 
