@@ -44,7 +44,7 @@ from cellvm.machine import Machine
 from cellvm.snapshot import Snapshot
 
 #: Bumped when what a template contains changes meaning.
-TEMPLATE_FORMAT = 2  # 2: with the working set
+TEMPLATE_FORMAT = 3  # 2: with the working set; 3: warmed up before the snapshot
 CONSOLE_DEVICE = 0  # the agent channel is the first device: /dev/hvc0
 RESTORE_TIMEOUT = 2.0  # seconds for every vCPU to take its state
 #: Machines kept prepared per template (CELLVM_SANDBOX_PREPARED; 0: none).
@@ -153,6 +153,7 @@ async def _bake(image: Image, directory: Path, *, cpus: int, memory_mib: int, bo
         stream = await SocketStream.from_socket(machine.console_socket(CONSOLE_DEVICE))
         async with AgentClient(stream) as agent:
             await _wait_for_agent(machine, agent, boot_timeout)
+            await _warm_up(agent)
             snapshot = await anyio.to_thread.run_sync(
                 lambda: machine.snapshot(directory / "snapshot", resume=False)
             )
@@ -160,6 +161,18 @@ async def _bake(image: Image, directory: Path, *, cpus: int, memory_mib: int, bo
         await anyio.to_thread.run_sync(machine.close)
     await _record_working_set(snapshot, directory / WORKING_SET)
     return snapshot
+
+
+async def _warm_up(agent: AgentClient) -> None:
+    """One command before the snapshot, so every restore starts with the
+    exec path warm: the image's `true` and libc in the page cache (no disk
+    reads), the kernel's caches for a new process filled. Restore to the
+    first byte of `echo hi` 28 -> 21 ms (interleaved A/B, 12 runs). An image
+    without `true` is baked as it is."""
+    try:
+        await agent.exec("true", timeout=10)
+    except CellvmError:
+        pass
 
 
 async def _record_working_set(snapshot: Snapshot, path: Path) -> None:
