@@ -218,10 +218,12 @@ NB_MODULE(_core, m) {
       .def("restore_phases", &Machine::restore_phases,
            "Where the last restore's time went: [(phase, its end in seconds after the restore began)], "
            "then first_exit.<vCPU>. Empty if this machine was not restored.")
-      .def("resident_pages", &Machine::resident_pages, ReleaseGil(),
-           "Guest pages resident in this process's mapping of guest RAM, as runs [(first page, count)].")
+      .def("resident_pages", &Machine::resident_pages, "private_only"_a = false, ReleaseGil(),
+           "Guest pages resident in this process's mapping of guest RAM, as runs [(first page, count)]; "
+           "private_only: only this machine's own copies (pages written since the restore).")
       .def("write_working_set", &Machine::write_working_set, "path"_a, ReleaseGil(),
-           "Write resident_pages() to `path` as a working set for prepared machines (vm_pool_set_target).")
+           "Write resident_pages(private_only=True) to `path` as a working set for prepared machines "
+           "(vm_pool_set_target).")
       .def_prop_ro("restore_started", &Machine::restore_started,
                    "When the restore began (time.monotonic() seconds); 0 if not restored.")
       .def("start", &Machine::start, ReleaseGil(), "Start every vCPU thread.")

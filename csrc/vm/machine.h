@@ -116,9 +116,12 @@ class Machine final : public Platform, public VcpuHost {
   bool memory_restored() const { return memory_->restored(); }
   // The guest pages resident in this process's mapping of guest RAM (what
   // the guest has touched, plus the file pages' fault-around), as runs
-  // (first page, count); /proc/self/pagemap, so not for hot paths.
-  std::vector<std::pair<uint64_t, uint64_t>> resident_pages() const;
-  // Writes resident_pages() in the working-set file format of prepare().
+  // (first page, count); with `private_only`, only the pages that are this
+  // machine's own copies (written since the restore, or memfd RAM).
+  // /proc/self/pagemap, so not for hot paths.
+  std::vector<std::pair<uint64_t, uint64_t>> resident_pages(bool private_only = false) const;
+  // Writes resident_pages(true) in the working-set file format of prepare():
+  // the pages a restored guest wrote are the ones worth copying ahead.
   void write_working_set(const std::string& path) const;
   // Where the last restore's time went: (phase, its end in seconds after
   // the restore began), in order; "start" is 0. See machine_snapshot.cpp.

@@ -187,16 +187,18 @@ def test_a_working_set_is_copied_ahead_and_changes_nothing(snapshot: Snapshot, t
     at_snapshot = saved_counters(snapshot)
     with Machine.restore(snapshot) as first:
         wait_for_progress(first, counters(first))
-        touched = first.resident_pages()
+        touched = first.resident_pages(private_only=True)  # the pages it wrote
+        resident = first.resident_pages()
         first.write_working_set(str(tmp_path / "ws"))
     assert touched and all(count > 0 for _, count in touched)
+    assert sum(count for _, count in touched) < sum(count for _, count in resident)
     assert (tmp_path / "ws").stat().st_size == 16 * len(touched)
     Machine.prepare_restores(snapshot, 2, working_set=tmp_path / "ws")
     assert Machine.wait_prepared(snapshot, 2) == 2
     a, b = Machine.restore(snapshot), Machine.restore(snapshot)
     try:
         assert "pool_take" in phases(a) and "pool_take" in phases(b)
-        resident = {page for first_page, count in a.resident_pages() for page in range(first_page, first_page + count)}
+        resident = {p for first_page, count in a.resident_pages(private_only=True) for p in range(first_page, first_page + count)}
         assert {page for first_page, count in touched for page in range(first_page, first_page + count)} <= resident
         a.write_memory(marker, b"\x11" * 8)  # copied pages are still each machine's own
         b.write_memory(marker, b"\x22" * 8)
