@@ -69,10 +69,13 @@ sha_of() { sha256sum "$1" | cut -d' ' -f1; }
 DL=$CACHE/dl
 mkdir -p "$DL"
 version=$PIN_VERSION
-deb=$DL/${PACKAGE}_${version//\~/_}_all.deb
+# apt-get download's file name (no epoch in these versions)
+deb_path() { echo "$DL/${PACKAGE}_${1}_all.deb"; }
+deb=$(deb_path "$version")
 if [[ ! -f $deb || $(sha_of "$deb") != "$PIN_SHA256" ]]; then
     apt_update
-    if apt-cache "${apt_opts[@]}" show "$PACKAGE=$PIN_VERSION" >/dev/null 2>&1; then
+    # (apt-cache show exits 0 even for a version it does not know)
+    if apt-cache "${apt_opts[@]}" show "$PACKAGE=$PIN_VERSION" 2>/dev/null | grep -q '^Version:'; then
         expect_sha=$PIN_SHA256
     else
         version=$(apt-cache "${apt_opts[@]}" madison "$PACKAGE" | awk -F'|' '{gsub(/ /,"",$2); print $2}' |
@@ -80,13 +83,12 @@ if [[ ! -f $deb || $(sha_of "$deb") != "$PIN_SHA256" ]]; then
         [[ -n $version ]] || die "$SUITE has no $PACKAGE 7.3.x"
         expect_sha=$(apt-cache "${apt_opts[@]}" show "$PACKAGE=$version" | awk '/^SHA256:/{print $2; exit}')
         say "WARNING: pinned $PACKAGE $PIN_VERSION is gone from the mirror; using the newest, $version"
-        deb=$DL/${PACKAGE}_${version//\~/_}_all.deb
+        deb=$(deb_path "$version")
     fi
     if [[ ! -f $deb || $(sha_of "$deb") != "$expect_sha" ]]; then
         (cd "$DL" && apt-get "${apt_opts[@]}" -qq download "$PACKAGE=$version" >&2) ||
             die "downloading $PACKAGE=$version failed"
-        mv -f "$DL/${PACKAGE}_${version//\~/%7e}_all.deb" "$deb" 2>/dev/null || true
-        [[ -f $deb ]] || deb=$(ls -t "$DL"/${PACKAGE}_*_all.deb | head -n1)
+        [[ -f $deb ]] || die "apt-get download did not produce $deb"
         [[ $(sha_of "$deb") == "$expect_sha" ]] || die "sha256 of $deb does not match the index ($expect_sha)"
     fi
 fi
