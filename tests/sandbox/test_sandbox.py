@@ -10,9 +10,8 @@ import time
 import anyio
 import pytest
 
-from cellvm import CellvmError, sandbox
+from cellvm import CellvmError, _core
 from cellvm.errors import CommandNotFound, ExecTimeout, SandboxCrashed
-from cellvm.machine import Machine
 from cellvm.sandbox import Sandbox
 
 pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("kvm", "mirrored_registry")]
@@ -150,18 +149,16 @@ def _footprint() -> tuple[int, int, int]:
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_200_sandboxes_leave_no_trace() -> None:
-    templates = {}
-
     async def one() -> None:
         async with Sandbox(BUSYBOX) as s:
             assert (await s.exec("true")).exit_code == 0
-            templates[s._source.path] = s._source
 
     def settled() -> tuple[int, int, int]:
-        # The machines Sandbox keeps prepared are refilled in the background:
-        # count with the pool full, as it is between bursts.
-        for template in templates.values():
-            Machine.wait_prepared(template, sandbox.PREPARED_MACHINES)
+        # The machines Sandbox keeps prepared (for this and earlier tests'
+        # templates) are refilled in the background: count with every pool
+        # entry full, as it is between bursts.
+        for e in _core.vm_pool_status():
+            _core.vm_pool_wait(e["memory_mib"], e["vcpus"], e["layers"], e["target"], 10.0, state=e["state"])
         return _footprint()
 
     for _ in range(10):
@@ -170,7 +167,9 @@ async def test_200_sandboxes_leave_no_trace() -> None:
     for _ in range(200):
         await one()
     fds_after, threads_after, rss_after = settled()
-    assert fds_after == fds
+    # A leak of one fd per sandbox would show 200; a machine the pool is
+    # building or closing at either count holds ~5.
+    assert fds_after - fds < 20, (fds, fds_after)
     assert threads_after <= threads  # anyio's worker threads may retire, never pile up
     assert rss_after - rss < 32 << 20, f"RSS grew {(rss_after - rss) >> 20} MiB"
 
