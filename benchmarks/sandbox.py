@@ -330,7 +330,7 @@ async def run(runs: int, work: Path) -> None:
         node_first.append(t_bake + await first_byte(snap, ("node", "-e", "1")))
         shutil.rmtree(directory)
     node_template = await sandbox.template_for(node, cpus=CPUS, memory_mib=MEMORY_MIB)
-    async with Sandbox(node):  # starts its prepared machines
+    async with Sandbox(node):  # warm this process and the page cache
         pass
     for _ in range(runs):
         prepared(node_template, True)

@@ -202,15 +202,18 @@ async def _record_working_set(snapshot: Snapshot, path: Path) -> None:
         await anyio.to_thread.run_sync(machine.close)
 
 
-_prepared: set[Path] = set()
+_restores: dict[Path, int] = {}  # template -> Sandboxes started from it in this process
 
 
 def _keep_prepared(template: Snapshot) -> None:
-    """Once per process and template: keep PREPARED_MACHINES machines ready
-    for its restores (the pool's worker builds them in the background)."""
-    if PREPARED_MACHINES <= 0 or template.path in _prepared:
+    """From the second Sandbox of a template in this process on, keep
+    PREPARED_MACHINES machines ready for its restores (the pool's worker
+    builds them in the background). Not for the first: a process that runs
+    one sandbox (`cellvm run`) would build machines it never uses, on the
+    CPUs its own restore needs."""
+    _restores[template.path] = count = _restores.get(template.path, 0) + 1
+    if PREPARED_MACHINES <= 0 or count != 2:
         return
-    _prepared.add(template.path)
     working_set = template.path.parent / WORKING_SET
     Machine.prepare_restores(
         template, PREPARED_MACHINES, working_set=working_set if working_set.exists() else None

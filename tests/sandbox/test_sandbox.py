@@ -10,8 +10,9 @@ import time
 import anyio
 import pytest
 
-from cellvm import CellvmError, _core
+from cellvm import CellvmError, _core, sandbox
 from cellvm.errors import CommandNotFound, ExecTimeout, SandboxCrashed
+from cellvm.machine import Machine
 from cellvm.sandbox import Sandbox
 
 pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("kvm", "mirrored_registry")]
@@ -137,6 +138,20 @@ async def test_a_vm_that_dies_gives_sandbox_crashed() -> None:
         with pytest.raises(SandboxCrashed) as info:
             await s.exec("reboot", "-f")
         assert isinstance(info.value, CellvmError)
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.skipif(sandbox.PREPARED_MACHINES == 0, reason="CELLVM_SANDBOX_PREPARED=0")
+async def test_repeated_use_restores_prepared_machines_with_the_working_set() -> None:
+    for _ in range(2):  # from the second sandbox of a template on, machines are prepared
+        async with Sandbox(BUSYBOX) as s:
+            template = s._source
+    assert (template.path.parent / sandbox.WORKING_SET).stat().st_size > 0
+    assert Machine.wait_prepared(template, sandbox.PREPARED_MACHINES, timeout=30) == sandbox.PREPARED_MACHINES
+    async with Sandbox(BUSYBOX) as s:
+        assert "pool_take" in [phase for phase, _ in s.machine.restore_phases()]
+        r = await s.exec("sh", "-c", "echo hi; head -c 16 /dev/urandom | wc -c")
+        assert (r.exit_code, r.stdout) == (0, "hi\n16\n")
 
 
 def _footprint() -> tuple[int, int, int]:
