@@ -15,10 +15,9 @@ Restores are fast because of what is done ahead (BENCHMARKS.md, "Sandbox"):
 the bake also records the template's *working set*, the guest pages one
 restore wrote up to the end of its first command; and from its second
 Sandbox of a template on, a process keeps PREPARED_MACHINES machines ready in
-the VM pool
-(Machine.prepare_restores), each with the template's memory mapped and that
-working set already copied, so a restore neither creates a VM nor takes a
-copy-on-write fault for the pages a guest writes first.
+the VM pool (Machine.prepare_restores), each with the template's memory
+mapped and that working set already copied, so a restore neither creates a
+VM nor takes a copy-on-write fault for the pages a guest writes first.
 """
 
 from __future__ import annotations
