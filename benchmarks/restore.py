@@ -53,6 +53,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from memory_stats import mapping_rss, rollup  # benchmarks/, beside this script
+
 from cellvm import _core, testguest
 from cellvm.machine import Machine
 from cellvm.snapshot import Snapshot, default_snapshot_root
@@ -195,29 +197,6 @@ def phase_durations(ph: dict[str, float]) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------ memory
-
-
-def rollup() -> dict[str, int]:
-    out = {}
-    for line in Path("/proc/self/smaps_rollup").read_text().splitlines()[1:]:
-        key, value = line.split(":", 1)
-        out[key] = int(value.split()[0]) * 1024
-    return out
-
-
-def mapping_rss(name: str) -> tuple[int, int]:
-    """(Rss, Anonymous) of every mapping of files called `name` in /proc/self/smaps."""
-    rss = anon = 0
-    current = False
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        fields = line.split()
-        if "-" in fields[0] and len(fields) >= 5 and not line.startswith(("Rss", "Anon")):
-            current = len(fields) >= 6 and fields[5].endswith(name)
-        elif current and fields[0] == "Rss:":
-            rss += int(fields[1]) * 1024
-        elif current and fields[0] == "Anonymous:":
-            anon += int(fields[1]) * 1024
-    return rss, anon
 
 
 def idle_rss(snap: Snapshot, count: int) -> dict[str, float]:

@@ -55,6 +55,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from support.registry import push_test_images, start_registry  # noqa: E402
 
+from memory_stats import mapping_rss, rollup  # benchmarks/, beside this script
+
 from cellvm import guest, sandbox  # noqa: E402
 from cellvm.agent import AgentClient  # noqa: E402
 from cellvm.images import Image, pull  # noqa: E402
@@ -197,29 +199,6 @@ async def first_byte_steps(image: Image) -> tuple[dict[str, float], dict[str, di
 
 
 # ------------------------------------------------------------------ memory
-
-
-def rollup() -> dict[str, int]:
-    out = {}
-    for line in Path("/proc/self/smaps_rollup").read_text().splitlines()[1:]:
-        key, value = line.split(":", 1)
-        out[key] = int(value.split()[0]) * 1024
-    return out
-
-
-def mapping_rss(name: str) -> tuple[int, int]:
-    """Rss and Anonymous (the COW copies) over mappings whose path ends in `name`."""
-    rss = anon = 0
-    current = False
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        head = line.split()
-        if head and "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):
-            current = line.rstrip().endswith(name)
-        elif current and line.startswith("Rss:"):
-            rss += int(head[1]) * 1024
-        elif current and line.startswith("Anonymous:"):
-            anon += int(head[1]) * 1024
-    return rss, anon
 
 
 async def idle_rss(snapshot: Snapshot, count: int) -> dict[str, float]:
