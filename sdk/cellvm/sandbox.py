@@ -109,6 +109,8 @@ def template_key(image: Image, *, cpus: int, memory_mib: int, kernel: Path, agen
         "image": image.digest,
         "rootfs": str(image.rootfs),
         "rootfs_format": image.rootfs_format,
+        # The guest's command line: a changed one must not reuse old templates.
+        "cmdline": guest.kernel_cmdline(rootfs_format=image.rootfs_format),
         "config": image.config.to_json(),
         "cpus": cpus,
         "memory_mib": memory_mib,
