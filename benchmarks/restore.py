@@ -53,7 +53,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from memory_stats import mapping_rss, rollup  # benchmarks/, beside this script
+from benchlib import mapping_rss, pct, rollup  # benchmarks/, beside this script
 
 from cellvm import _core, testguest
 from cellvm.machine import Machine
@@ -62,13 +62,6 @@ from cellvm.testguest import Mode
 
 PVM = _core.hypervisor_info()["backend"] == "pvm"
 SPINS = 4096  # guest spins between marks: ~2-5 us
-
-
-def pct(values: list[float], p: float) -> float:
-    values = sorted(values)
-    k = (len(values) - 1) * p / 100
-    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
-    return values[lo] + (values[hi] - values[lo]) * (k - lo)
 
 
 def ms(seconds: float) -> str:
@@ -91,8 +84,9 @@ def set_param_a(m: Machine, value: int) -> None:
 # ------------------------------------------------------------------ latency
 
 
-def marks_snapshot(mib: int, root: Path) -> Snapshot:
-    """A MARKS guest paused after mark k and told to halt after mark k+1."""
+def paused_marks_guest(mib: int) -> Machine:
+    """A MARKS guest paused after mark k and told to halt after mark k+1:
+    each restored copy writes exactly one mark, then sleeps."""
     m = Machine(memory_mib=mib, vcpus=1)
     try:
         m.load_test_guest(testguest.path(), testguest.params(Mode.MARKS, 1, 0, SPINS, native=PVM))
@@ -100,6 +94,16 @@ def marks_snapshot(mib: int, root: Path) -> Snapshot:
         wait_marks(m, 100)
         m.pause()
         set_param_a(m, m.marks()[-1][0] + 1)
+    except BaseException:
+        m.close()
+        raise
+    return m
+
+
+def marks_snapshot(mib: int, root: Path) -> Snapshot:
+    """A MARKS guest paused after mark k and told to halt after mark k+1."""
+    m = paused_marks_guest(mib)
+    try:
         return m.snapshot(root / f"marks-{mib}", resume=False)
     finally:
         m.close()
@@ -283,14 +287,9 @@ def forks(snap: Snapshot, n: int, pool: bool) -> dict[str, float]:
 
 def fork_api(mib: int, n: int) -> dict[str, float]:
     """Machine.fork(n) of a live MARKS guest (snapshot to tmpfs + n restores)."""
-    m = Machine(memory_mib=mib, vcpus=1)
+    m = paused_marks_guest(mib)
     clones: list[Machine] = []
     try:
-        m.load_test_guest(testguest.path(), testguest.params(Mode.MARKS, 1, 0, SPINS, native=PVM))
-        m.start()
-        wait_marks(m, 100)
-        m.pause()
-        set_param_a(m, m.marks()[-1][0] + 1)
         t = time.monotonic()
         clones = m.fork(n)
         returned = time.monotonic()

@@ -55,7 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from support.registry import push_test_images, start_registry  # noqa: E402
 
-from memory_stats import mapping_rss, rollup  # benchmarks/, beside this script
+from benchlib import mapping_rss, pct, rollup  # benchmarks/, beside this script
 
 from cellvm import guest, sandbox  # noqa: E402
 from cellvm.agent import AgentClient  # noqa: E402
@@ -67,13 +67,6 @@ from cellvm.snapshot import Snapshot  # noqa: E402
 MEMORY_MIB = 512  # Sandbox's default shape
 CPUS = 1
 STATS = ("exits", "pf_taken", "pf_guest", "mmio_exits", "insn_emulation", "irq_injections", "halt_wakeup")
-
-
-def pct(values: list[float], p: float) -> float:
-    values = sorted(values)
-    k = (len(values) - 1) * p / 100
-    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
-    return values[lo] + (values[hi] - values[lo]) * (k - lo)
 
 
 def ms(seconds: float) -> str:

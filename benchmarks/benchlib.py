@@ -1,10 +1,18 @@
-"""Process memory figures the benchmarks share: /proc/self/smaps_rollup and
-the resident pages of the snapshot-image mappings (the guest pages a VM
-touched), so "host RSS beyond touched guest pages" means one thing."""
+"""What the benchmarks share: percentiles, and the process memory figures
+(/proc/self/smaps_rollup and the resident pages of the snapshot-image
+mappings, the guest pages a VM touched), so "host RSS beyond touched guest
+pages" means one thing in every benchmark."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+
+def pct(values: list[float], p: float) -> float:
+    values = sorted(values)
+    k = (len(values) - 1) * p / 100
+    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
+    return values[lo] + (values[hi] - values[lo]) * (k - lo)
 
 
 def rollup() -> dict[str, int]:
