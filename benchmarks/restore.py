@@ -101,7 +101,7 @@ def paused_marks_guest(mib: int) -> Machine:
 
 
 def marks_snapshot(mib: int, root: Path) -> Snapshot:
-    """A MARKS guest paused after mark k and told to halt after mark k+1."""
+    """The snapshot every restore variant starts from (paused_marks_guest)."""
     m = paused_marks_guest(mib)
     try:
         return m.snapshot(root / f"marks-{mib}", resume=False)

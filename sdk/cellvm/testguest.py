@@ -121,3 +121,9 @@ def wait_for_progress(machine: Any, beyond: tuple[int, ...], timeout: float = 10
     while not all(now > then for now, then in zip(counters(machine), beyond)):
         assert time.monotonic() < deadline, f"counters stuck at {counters(machine)}, expected beyond {beyond}"
         time.sleep(0.001)
+
+
+def pvm_native_msr(vcpu: int) -> int:
+    """What KVM_GET_MSRS reads from MSR 0x4b564d10 on a test-guest vCPU that
+    opted into native mode: its vif page (x86_boot.h) | 0x400 | the flags."""
+    return (0x20000 + 0x1000 * vcpu) | 0x400 | PVM_NATIVE_FLAGS

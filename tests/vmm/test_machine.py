@@ -59,8 +59,7 @@ def test_pause_returns_every_vcpu_and_resume_continues() -> None:
             # natively at hardware CPL3; the native switch is the PVM MSR.
             assert s["cs"] == EMULATED_CS
             if is_pvm():
-                vif_page = 0x20000 + 0x1000 * states.index(s)
-                assert s["pvm_native"] == vif_page | 0x400 | testguest.PVM_NATIVE_FLAGS
+                assert s["pvm_native"] == testguest.pvm_native_msr(states.index(s))
         paused = counters(m)
         time.sleep(0.05)
         assert counters(m) == paused, "a paused vCPU kept counting"

@@ -53,7 +53,7 @@ def test_restore_20_times_continues_natively(snapshot: Snapshot) -> None:
             if PVM:
                 for i, state in enumerate(states):
                     assert state is not None
-                    assert state["pvm_native"] == (0x20000 + 0x1000 * i) | 0x400 | testguest.PVM_NATIVE_FLAGS
+                    assert state["pvm_native"] == testguest.pvm_native_msr(i)
             emulated = [clone.vcpu_stats(i)["insn_emulation"] for i in range(2)]
             clone.resume()
             wait_for_progress(clone, now)

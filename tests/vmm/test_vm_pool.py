@@ -69,7 +69,7 @@ def test_a_prepared_machine_restores_the_same_state(snapshot: Snapshot, premap: 
             if PVM:
                 for i, state in enumerate(states):
                     assert state is not None
-                    assert state["pvm_native"] == (0x20000 + 0x1000 * i) | 0x400 | testguest.PVM_NATIVE_FLAGS
+                    assert state["pvm_native"] == testguest.pvm_native_msr(i)
             clone.resume()
             wait_for_progress(clone, now)
 
