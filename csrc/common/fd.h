@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <cstddef>
+#include <cstdint>
 #include <utility>
 
 namespace cellvm {
@@ -71,5 +72,22 @@ class Mapping {
   void* addr_ = nullptr;
   size_t size_ = 0;
 };
+
+// 2 MiB: the host's huge page. Guest RAM starts on this boundary so the host
+// can map it with huge pages and KVM's shadow MMU can then map 2 MiB at once.
+inline constexpr size_t kHugePageSize = 2u << 20;
+
+// Private anonymous read-write memory starting on a kHugePageSize boundary
+// (lazily allocated, reads as zero); MAP_FAILED if the kernel refuses.
+inline void* map_anonymous_huge_aligned(size_t size) {
+  const size_t padded = size + kHugePageSize;
+  void* raw = ::mmap(nullptr, padded, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (raw == MAP_FAILED) return raw;
+  const auto start = reinterpret_cast<uintptr_t>(raw);
+  const uintptr_t aligned = (start + kHugePageSize - 1) & ~(uintptr_t{kHugePageSize} - 1);
+  if (aligned > start) ::munmap(raw, aligned - start);
+  ::munmap(reinterpret_cast<void*>(aligned + size), start + padded - (aligned + size));
+  return reinterpret_cast<void*>(aligned);
+}
 
 }  // namespace cellvm

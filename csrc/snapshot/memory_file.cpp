@@ -57,6 +57,10 @@ class SparseImageWriter {
   }
   MemoryWriteStats commit() {
     if (::fsync(fd_.get()) < 0) throw HypervisorError::from_errno("fsync(" + tmp_ + ")");
+    // Drops the image's page cache, which write() filled with small folios:
+    // restores then read it back in 2 MiB folios (map_layers) that the host
+    // and KVM can map whole. Advice only (tmpfs ignores it).
+    ::posix_fadvise(fd_.get(), 0, 0, POSIX_FADV_DONTNEED);
     fd_.reset();
     if (::rename(tmp_.c_str(), path_.c_str()) < 0) throw HypervisorError::from_errno("rename(" + path_ + ")");
     return stats;
@@ -128,10 +132,22 @@ void* map_layers(const std::vector<std::string>& layers, uint64_t size, void* at
   std::vector<UniqueFd> fds;
   fds.reserve(layers.size());
   for (const std::string& layer : layers) fds.push_back(open_layer(layer, size));
-  int flags = MAP_PRIVATE | MAP_NORESERVE | (at ? MAP_FIXED : 0);
-  void* addr = ::mmap(at, size, PROT_READ | PROT_WRITE, flags, fds[0].get(), 0);
+  Mapping owned;  // unmapped on a throw below, unless the caller owns the range
+  if (!at) {
+    at = map_anonymous_huge_aligned(size);
+    if (at == MAP_FAILED) throw HypervisorError::from_errno("mmap(restored guest ram)");
+    owned = Mapping(at, size);
+  }
+  void* addr = ::mmap(at, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_NORESERVE | MAP_FIXED, fds[0].get(), 0);
   if (addr == MAP_FAILED) throw HypervisorError::from_errno("mmap(" + layers[0] + ")");
-  Mapping owned(at ? nullptr : addr, at ? 0 : size);  // unmapped on a throw below, unless the caller owns it
+  // Lets the host map the image's page cache in 2 MiB pieces (read faults
+  // then read it in 2 MiB folios), and KVM follows the host: a block of
+  // guest memory only read after the restore (kernel text, page cache) costs
+  // one shadow fault instead of one per 4 KiB page that is touched. Restore to
+  // the first byte of `echo hi`: 446 -> 46 shadow faults on kernel text.
+  // Written pages still split their block (the COW), so a working set
+  // (write_working_set) copies the rest of such blocks ahead.
+  ::madvise(addr, size, MADV_HUGEPAGE);
   for (size_t i = 1; i < layers.size(); ++i) {
     for_each_data_extent(fds[i].get(), size, [&](uint64_t offset, uint64_t len) {
       void* to = static_cast<uint8_t*>(addr) + offset;

@@ -20,7 +20,7 @@ GuestMemory::GuestMemory(uint64_t size) {
 
 GuestMemory GuestMemory::reserved(uint64_t size) {
   if (size == 0 || size % 4096 != 0) throw std::invalid_argument("guest memory size must be a non-zero multiple of 4 KiB");
-  void* addr = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  void* addr = map_anonymous_huge_aligned(size);
   if (addr == MAP_FAILED) throw HypervisorError::from_errno("mmap(reserved guest ram)");
   return GuestMemory(Mapping(addr, size));
 }
