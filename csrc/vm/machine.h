@@ -76,7 +76,7 @@ struct SnapshotStats {
 class Machine final : public Platform, public VcpuHost {
  public:
   // A new machine; with `memory_layers` its RAM is those snapshot images
-  // mapped MAP_PRIVATE (see snapshot/memory_file.h) instead of a fresh memfd.
+  // mapped MAP_PRIVATE (see snapshot/memory_file.h) instead of fresh anonymous memory.
   explicit Machine(MachineConfig config, const std::vector<std::string>& memory_layers = {});
 
   // A machine prepared ahead of a restore (vm/vm_pool.h): the VM, its
@@ -117,7 +117,7 @@ class Machine final : public Platform, public VcpuHost {
   // The guest pages resident in this process's mapping of guest RAM (what
   // the guest has touched, plus the file pages' fault-around), as runs
   // (first page, count); with `private_only`, only the pages that are this
-  // machine's own copies (written since the restore, or memfd RAM).
+  // machine's own copies (written since the restore, or fresh anonymous RAM).
   // /proc/self/pagemap, so not for hot paths.
   std::vector<std::pair<uint64_t, uint64_t>> resident_pages(bool private_only = false) const;
   // Writes resident_pages(true) in the working-set file format of prepare():

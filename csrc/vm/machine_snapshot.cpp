@@ -119,9 +119,11 @@ SnapshotStats Machine::snapshot(const std::string& dir, std::chrono::nanoseconds
     file.put("vm.clock", BlobWriter().pod(vm_.get_clock()).take());
     for (const Device* device : devices_) file.put("device." + device->name(), device->save_state());
 
-    MemoryWriteStats memory =
-        memory_->restored() ? write_diff_memory(memory_->host(), memory_->size(), dir + "/memory.bin")
-                            : write_full_memory(memory_->fd(), memory_->host(), memory_->size(), dir + "/memory.bin");
+    // The pages /proc/self/pagemap shows present and private: for restored
+    // memory those written since the restore (a diff over the images), for
+    // a fresh machine's anonymous memory every page it ever touched (a full
+    // image; untouched pages stay holes).
+    MemoryWriteStats memory = write_diff_memory(memory_->host(), memory_->size(), dir + "/memory.bin");
     file.write(dir + "/state.bin");
     stats.diff = memory_->restored();
     stats.pages_written = memory.pages_written;
@@ -292,7 +294,7 @@ std::vector<std::pair<uint64_t, uint64_t>> Machine::resident_pages(bool private_
   if (!fd) throw HypervisorError(std::string("open /proc/self/pagemap: ") + std::strerror(errno));
   const uint64_t pages = memory_->size() / 4096;
   const uint64_t first = reinterpret_cast<uintptr_t>(memory_->host()) / 4096;
-  const bool restored = memory_->restored();  // memfd RAM is all shmem (bit 61): all of it is the machine's own
+  const bool restored = memory_->restored();  // fresh RAM is anonymous: all of it is the machine's own
   std::vector<std::pair<uint64_t, uint64_t>> runs;
   std::vector<uint64_t> entries(8192);
   for (uint64_t done = 0; done < pages;) {

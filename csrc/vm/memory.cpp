@@ -10,19 +10,17 @@ namespace cellvm {
 
 GuestMemory::GuestMemory(uint64_t size) {
   if (size == 0 || size % 4096 != 0) throw std::invalid_argument("guest memory size must be a non-zero multiple of 4 KiB");
-  fd_.reset(::memfd_create("cellvm-guest-ram", MFD_CLOEXEC));
-  if (!fd_) throw HypervisorError::from_errno("memfd_create");
-  if (::ftruncate(fd_.get(), size) < 0) throw HypervisorError::from_errno("ftruncate(guest ram)");
-  void* addr = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, fd_.get(), 0);
+  void* addr = map_anonymous_huge_aligned(size);
   if (addr == MAP_FAILED) throw HypervisorError::from_errno("mmap(guest ram)");
   map_ = Mapping(addr, size);
+  ::madvise(addr, size, MADV_HUGEPAGE);  // advice only: without THP the guest still runs
 }
 
 GuestMemory GuestMemory::reserved(uint64_t size) {
   if (size == 0 || size % 4096 != 0) throw std::invalid_argument("guest memory size must be a non-zero multiple of 4 KiB");
   void* addr = map_anonymous_huge_aligned(size);
   if (addr == MAP_FAILED) throw HypervisorError::from_errno("mmap(reserved guest ram)");
-  return GuestMemory(Mapping(addr, size));
+  return GuestMemory(Mapping(addr, size));  // restored: snapshot images are mapped over it
 }
 
 uint8_t* GuestMemory::at(uint64_t gpa, uint64_t len) const {
