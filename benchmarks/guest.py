@@ -21,7 +21,7 @@ from cellvm import guest
 from cellvm.machine import Machine
 
 GOALS = {"getppid_ns": 2.0, "page_fault_ns": 8.0, "compute_ms": 1.1, "fork_exit_us": None}
-CMDLINE = "console=ttyS0 quiet reboot=k panic=-1 poweroff_port=0xf4 cellvm.cpus=1"
+CMDLINE = f"console=ttyS0 quiet reboot=k panic=-1 poweroff_port=0xf4 cellvm.cpus=1 {guest.THP_ANON}"
 
 
 def initramfs() -> Path:
@@ -31,10 +31,10 @@ def initramfs() -> Path:
     return path.resolve()
 
 
-def boot_once(kernel: Path, init: Path) -> tuple[dict[str, float], float, float]:
+def boot_once(kernel: Path, init: Path, cmdline: str) -> tuple[dict[str, float], float, float]:
     """(the init's figures, seconds to its first output byte, seconds to power-off)."""
     with Machine(memory_mib=256, vcpus=1) as m:
-        m.load_linux(kernel, init, CMDLINE)
+        m.load_linux(kernel, init, cmdline)
         started = time.monotonic()
         m.start()
         first = None
@@ -59,17 +59,19 @@ def host_bench(init_binary: Path) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--append", default="", help="more kernel command-line arguments (A/B experiments)")
     args = parser.parse_args()
+    cmdline = f"{CMDLINE} {args.append}".strip()
     kernel, init = guest.kernel_path(), initramfs()
     init_binary = init.parent / "init"
     guests, hosts, firsts, offs = [], [], [], []
     for _ in range(args.runs):  # interleaved: the host's noise hits both sides
-        figures, first, off = boot_once(kernel, init)
+        figures, first, off = boot_once(kernel, init, cmdline)
         guests.append(figures)
         firsts.append(first)
         offs.append(off)
         hosts.append(host_bench(init_binary))
-    print(f"kernel {kernel}, {args.runs} runs, medians")
+    print(f"kernel {kernel}, {args.runs} runs, medians; command line: {cmdline}")
     print(f"{'figure':<16} {'guest':>10} {'host':>10} {'ratio':>7}  goal")
     for key, goal in GOALS.items():
         g = statistics.median(run[key] for run in guests)

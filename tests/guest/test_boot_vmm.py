@@ -13,9 +13,10 @@ from guestboot import RESULT
 
 @pytest.mark.parametrize("cpus", [1, 2])
 def test_boot_through_cellvm_vmm(kvm, vmlinux, testinit, cpus):
+    from cellvm import guest
     from cellvm.machine import Machine
 
-    cmdline = f"console=ttyS0 quiet reboot=k panic=-1 poweroff_port=0xf4 cellvm.cpus={cpus}"
+    cmdline = f"console=ttyS0 quiet reboot=k panic=-1 poweroff_port=0xf4 cellvm.cpus={cpus} {guest.THP_ANON}"
     with Machine(memory_mib=256, vcpus=cpus) as machine:
         machine.load_linux(vmlinux, testinit, cmdline)
         machine.start()
