@@ -9,6 +9,7 @@
 // emulated here and takes tens of seconds.
 //
 // Memory the VMM writes besides x86_boot.h's tables:
+//   0x00000  MP floating pointer (16 bytes), see mptable.h
 //   0x07000  boot_params ("zero page"): e820 map, command line and initrd pointers
 //   0x20000  kernel command line
 //   0x9fc00  MP table (CPU count, I/O APIC), see mptable.h

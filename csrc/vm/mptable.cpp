@@ -74,8 +74,8 @@ void write_mptable(GuestMemory& memory, int vcpus) {
   }
   const int entry_count = vcpus + 2 + kIoApicPins + 2;
 
-  constexpr size_t kFloatingSize = 16, kHeaderSize = 44;
-  const uint64_t config_gpa = kMpTableStart + kFloatingSize;
+  constexpr size_t kHeaderSize = 44;
+  const uint64_t config_gpa = kMpTableStart;
   Writer config;
   config.text("PCMP", 4);
   config.u16(kHeaderSize + entries.bytes.size());
@@ -100,7 +100,7 @@ void write_mptable(GuestMemory& memory, int vcpus) {
   floating.bytes[10] = checksum(floating.bytes.data(), floating.bytes.size());
 
   if (config_gpa + config.bytes.size() > kMpTableEnd) throw std::length_error("MP table does not fit below 640 KiB");
-  memory.write(kMpTableStart, floating.bytes.data(), floating.bytes.size());
+  memory.write(kMpFloatingPointer, floating.bytes.data(), floating.bytes.size());
   memory.write(config_gpa, config.bytes.data(), config.bytes.size());
 }
 
