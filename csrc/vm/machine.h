@@ -103,7 +103,7 @@ class Machine final : public Platform, public VcpuHost {
   // its own state in the coordinator's two-phase rendezvous, then all run.
   static std::unique_ptr<Machine> restore(const std::string& state_path, const std::vector<std::string>& memory_layers,
                                           const std::vector<DeviceSpec>& devices, std::chrono::nanoseconds deadline,
-                                          int inject_apply_failure = -1);
+                                          int inject_apply_failure = -1, const std::string& working_set = "");
 
   // Attaches a virtio-mmio device (before load_linux, which puts every
   // device on the kernel command line). Returns its index.

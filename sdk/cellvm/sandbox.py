@@ -343,6 +343,7 @@ class Sandbox:
     async def start(self) -> None:
         if self._machine is not None:
             raise CellvmError("the sandbox is already started")
+        working_set = None
         if self._source is None:
             image = self.image if isinstance(self.image, Image) else await pull(self.image)
             self.image = image
@@ -350,10 +351,17 @@ class Sandbox:
                 image, cpus=self.cpus, memory_mib=self.memory_mib, boot_timeout=self.boot_timeout
             )
             _keep_prepared(self._source)
-        await self._restore(self._source)
+            working_set = self._source.path.parent / WORKING_SET
+        await self._restore(self._source, working_set)
 
-    async def _restore(self, snapshot: Snapshot) -> None:
-        machine = await anyio.to_thread.run_sync(lambda: Machine.restore(snapshot, timeout=RESTORE_TIMEOUT))
+    async def _restore(self, snapshot: Snapshot, working_set: Path | None = None) -> None:
+        # A template's working set is copied ahead when no prepared machine
+        # serves the restore (the first Sandbox of a template in a process).
+        def restore() -> Machine:
+            ws = working_set if working_set is not None and working_set.exists() else None
+            return Machine.restore(snapshot, timeout=RESTORE_TIMEOUT, working_set=ws)
+
+        machine = await anyio.to_thread.run_sync(restore)
         try:
             stream = await SocketStream.from_socket(machine.console_socket(CONSOLE_DEVICE))
             agent = AgentClient(stream)

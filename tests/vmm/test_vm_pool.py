@@ -222,6 +222,22 @@ def test_a_working_set_is_copied_ahead_and_changes_nothing(snapshot: Snapshot, t
         b.close()
 
 
+def test_a_restore_without_a_prepared_machine_copies_the_working_set_itself(snapshot: Snapshot, tmp_path: Path) -> None:
+    with Machine.restore(snapshot) as first:
+        wait_for_progress(first, counters(first))
+        first.write_working_set(str(tmp_path / "ws"))
+    raw = (tmp_path / "ws").read_bytes()
+    wanted = {p for at in range(0, len(raw), 16) for start, count in [struct.unpack_from("<QQ", raw, at)] for p in range(start, start + count)}
+    assert wanted
+    with Machine.restore(snapshot, working_set=tmp_path / "ws") as clone:
+        assert "working_set" in phases(clone) and "pool_take" not in phases(clone)
+        private = {p for start, count in clone.resident_pages(private_only=True) for p in range(start, start + count)}
+        assert wanted <= private  # copied before the guest ran, not just what it wrote since
+        wait_for_progress(clone, counters(clone))
+    with Machine.restore(snapshot) as plain:
+        assert "working_set" not in phases(plain)
+
+
 def test_a_working_set_beyond_memory_or_missing_is_harmless(snapshot: Snapshot, tmp_path: Path) -> None:
     ws = tmp_path / "ws"
     ws.write_bytes((1 << 40).to_bytes(8, "little") + (5).to_bytes(8, "little") + b"\x01\x02")  # beyond RAM, then a torn record
