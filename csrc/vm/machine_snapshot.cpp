@@ -9,6 +9,8 @@
 #include <cerrno>
 #include <cstring>
 #include <fstream>
+#include <functional>
+#include <memory>
 #include <map>
 #include <set>
 
@@ -121,7 +123,7 @@ SnapshotStats Machine::snapshot(const std::string& dir, std::chrono::nanoseconds
     for (const Device* device : devices_) file.put("device." + device->name(), device->save_state());
 
     MemoryWriteStats memory =
-        memory_->restored() ? write_diff_memory(memory_->host(), memory_->size(), dir + "/memory.bin")
+        memory_->restored() ? write_diff_memory(memory_->host(), memory_->size(), dir + "/memory.bin", unchanged_copies())
                             : write_full_memory(memory_->fd(), memory_->host(), memory_->size(), dir + "/memory.bin");
     file.write(dir + "/state.bin");
     stats.diff = memory_->restored();
@@ -173,7 +175,7 @@ std::unique_ptr<Machine> Machine::restore(const std::string& state_path, const s
     // own path: copying the pages costs ~1.6 us each, and the guest's first
     // steps then take an eighth of the shadow faults.
     if (!working_set.empty()) {
-      prefetch_working_set(memory, working_set);
+      prefetch_working_set(memory, working_set, memory_layers);
       clock.stamp("working_set");
     }
     machine.reset(new Machine(config, std::move(memory), &clock));  // stamps vm_create .. vcpus_cpuid
@@ -352,10 +354,28 @@ void Machine::write_working_set(const std::string& path) const {
   if (!out.flush()) throw HypervisorError("cannot write the working set " + path);
 }
 
-void Machine::prefetch_working_set(GuestMemory& memory, const std::string& path) {
+// Pages a working set copied ahead that still hold what the images hold:
+// private, so pagemap counts them as written, but nothing to save. Compared
+// against a fresh read-only mapping of the images (the shared page cache).
+std::function<bool(uint64_t)> Machine::unchanged_copies() const {
+  const auto& runs = memory_->copied_ahead();
+  if (runs.empty()) return {};
+  auto images = std::make_shared<Mapping>(map_memory_layers(memory_->layers(), memory_->size()));
+  auto copied = std::make_shared<std::vector<bool>>(memory_->size() / 4096);
+  for (auto [first, count] : runs)
+    for (uint64_t p = first; p < first + count && p < copied->size(); ++p) (*copied)[p] = true;
+  const uint8_t* host = memory_->host();
+  return [images, copied, host](uint64_t page) {
+    return (*copied)[page] && std::memcmp(host + page * 4096, images->as<uint8_t>() + page * 4096, 4096) == 0;
+  };
+}
+
+void Machine::prefetch_working_set(GuestMemory& memory, const std::string& path,
+                                   const std::vector<std::string>& layers) {
   std::ifstream in(path, std::ios::binary);
   if (!in) throw HypervisorError("cannot read the working set " + path);
   const uint64_t pages = memory.size() / 4096;
+  std::vector<std::pair<uint64_t, uint64_t>> copied;
   uint64_t run[2];
   while (in.read(reinterpret_cast<char*>(run), sizeof run)) {
     uint64_t first = std::min(run[0], pages), count = std::min(run[1], pages - first);
@@ -363,7 +383,9 @@ void Machine::prefetch_working_set(GuestMemory& memory, const std::string& path)
     // Not fatal if it fails (an old kernel without MADV_POPULATE_WRITE, or
     // memory pressure): the guest then takes the ordinary faults.
     ::madvise(memory.host() + first * 4096, count * 4096, MADV_POPULATE_WRITE);
+    copied.emplace_back(first, count);
   }
+  memory.note_copied_ahead(std::move(copied), layers);
 }
 
 }  // namespace cellvm

@@ -235,6 +235,17 @@ def test_a_restore_without_a_prepared_machine_copies_the_working_set_itself(snap
         private = {p for start, count in clone.resident_pages(private_only=True) for p in range(start, start + count)}
         assert wanted <= private  # copied before the guest ran, not just what it wrote since
         wait_for_progress(clone, counters(clone))
+        clone.write_memory(0x300000, b"\x33" * 8)
+        diff = clone.snapshot(tmp_path / "diff")
+    kept = saved_counters(diff)  # the counts at the snapshot: their page changed, so it is in the diff
+    assert all(kept), kept
+    # The copies the guest never changed are not in the diff; what changed is.
+    assert diff.metadata["pages_written"] < len(wanted)
+    with Machine.restore(diff) as again:
+        assert again.read_memory(0x300000, 8) == b"\x33" * 8
+        now = counters(again)
+        assert all(n >= k for n, k in zip(now, kept)), (now, kept)
+        wait_for_progress(again, now)
     with Machine.restore(snapshot) as plain:
         assert "working_set" not in phases(plain)
 
