@@ -194,10 +194,11 @@ async def first_byte_steps(image: Image) -> tuple[dict[str, float], dict[str, di
 # ------------------------------------------------------------------ memory
 
 
-async def idle_rss(snapshot: Snapshot, count: int) -> dict[str, float]:
+async def idle_rss(source: Image | Snapshot, count: int) -> dict[str, float]:
     """`count` restored sandboxes that ran `true` and sit idle: Rss delta per
-    sandbox, the guest pages each touched, and the rest."""
-    async with Sandbox.from_snapshot(snapshot) as s:  # warm-up: one-time allocations
+    sandbox, the guest pages each touched (the working set a Sandbox(image)
+    copies ahead is among them), and the rest."""
+    async with box(source) as s:  # warm-up: one-time allocations
         await s.exec("true")
     gc.collect()
     await anyio.sleep(0.05)
@@ -205,7 +206,7 @@ async def idle_rss(snapshot: Snapshot, count: int) -> dict[str, float]:
     base_rss, base_anon = mapping_rss("memory.bin")
     async with AsyncExitStack() as stack:  # each sandbox owns a task group: close them in LIFO order
         for _ in range(count):
-            s = await stack.enter_async_context(Sandbox.from_snapshot(snapshot))
+            s = await stack.enter_async_context(box(source))
             await s.exec("true")
         await anyio.sleep(0.2)
         after = rollup()
@@ -319,7 +320,7 @@ async def run(runs: int, work: Path) -> None:
         node_restore.append(await first_byte(node, ("node", "-e", "1")))
 
     prepared(template, False)  # idle memory of restored sandboxes, not of machines waiting in the pool
-    rss = await idle_rss(template, 10)
+    rss = await idle_rss(busybox, 10)
 
     cold = statistics.median(samples["cold boot to agent-ready"])
     print()

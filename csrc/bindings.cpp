@@ -89,8 +89,12 @@ nb::dict state_summary(const VcpuState& s) {
   d["cs"] = s.sregs.cs.selector;
   d["cr3"] = s.sregs.cr3;
   d["mp_state"] = s.mp_state.mp_state;
-  for (const kvm_msr_entry& m : s.msrs)
+  nb::dict msrs;
+  for (const kvm_msr_entry& m : s.msrs) {
+    msrs[nb::int_(m.index)] = m.data;
     if (m.index == kMsrPvmNative) d["pvm_native"] = m.data;
+  }
+  d["msrs"] = msrs;
   d["msr_count"] = s.msrs.size();
   d["xsave_bytes"] = s.xsave.size();
   return d;
@@ -196,17 +200,18 @@ NB_MODULE(_core, m) {
       .def_static(
           "restore_snapshot",
           [](const std::string& state, const std::vector<std::string>& layers, const std::vector<nb::dict>& devices,
-             double timeout, int inject_apply_failure) {
+             double timeout, int inject_apply_failure, const std::string& working_set) {
             std::vector<DeviceSpec> specs;
             {
               nb::gil_scoped_acquire gil;
               for (const nb::dict& d : devices) specs.push_back(device_spec(d));
             }
-            return Machine::restore(state, layers, specs, seconds(timeout), inject_apply_failure);
+            return Machine::restore(state, layers, specs, seconds(timeout), inject_apply_failure, working_set);
           },
           "state"_a, "memory_layers"_a, "devices"_a = std::vector<nb::dict>{}, "timeout"_a = 1.0,
-          "inject_apply_failure"_a = -1, ReleaseGil(),
-          "A running machine continued from state.bin and memory images (full, then diffs).")
+          "inject_apply_failure"_a = -1, "working_set"_a = "", ReleaseGil(),
+          "A running machine continued from state.bin and memory images (full, then diffs). A working set "
+          "(Machine.write_working_set) is copied ahead when the machine is not a prepared one.")
       .def(
           "add_device", [](Machine& self, const nb::dict& spec) { return self.add_device(device_spec(spec)); },
           "spec"_a,

@@ -91,7 +91,8 @@ MemoryWriteStats write_full_memory(int memfd, const uint8_t* host, uint64_t size
   return out.commit();
 }
 
-MemoryWriteStats write_diff_memory(const uint8_t* host, uint64_t size, const std::string& path) {
+MemoryWriteStats write_diff_memory(const uint8_t* host, uint64_t size, const std::string& path,
+                                   const std::function<bool(uint64_t)>& unchanged) {
   UniqueFd pagemap(::open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC));
   if (!pagemap) throw HypervisorError::from_errno("open(/proc/self/pagemap)");
   SparseImageWriter out(path, size);
@@ -109,6 +110,7 @@ MemoryWriteStats write_diff_memory(const uint8_t* host, uint64_t size, const std
     if (got != static_cast<ssize_t>(n * 8)) throw HypervisorError::from_errno("read(/proc/self/pagemap)");
     for (uint64_t i = 0; i < n; ++i) {
       bool dirty = (entries[i] & kPagemapPresent) && !(entries[i] & kPagemapFileOrShared);
+      if (dirty && unchanged && unchanged(base + i)) dirty = false;
       if (dirty && run_len && run_start + run_len == base + i) {
         ++run_len;
       } else if (dirty) {

@@ -9,6 +9,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -29,7 +30,10 @@ MemoryWriteStats write_full_memory(int memfd, const uint8_t* host, uint64_t size
 // mapped: /proc/self/pagemap shows them present and no longer file-backed
 // (copy-on-write made them anonymous). Catches guest and VMM writes alike,
 // with no dirty logging slowing the guest down.
-MemoryWriteStats write_diff_memory(const uint8_t* host, uint64_t size, const std::string& path);
+// `unchanged(page)`, when given, names private pages to leave out anyway
+// (copied ahead by a working set and never changed).
+MemoryWriteStats write_diff_memory(const uint8_t* host, uint64_t size, const std::string& path,
+                                   const std::function<bool(uint64_t)>& unchanged = {});
 
 // Maps `layers` (a full image, then diffs, oldest first) MAP_PRIVATE as one
 // range of `size` bytes. Throws SnapshotCorruptError if a layer's size is not

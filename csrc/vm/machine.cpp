@@ -66,7 +66,7 @@ std::unique_ptr<Machine> Machine::prepare(MachineConfig config, const std::vecto
                                              : GuestMemory(map_memory_layers(memory_layers, config.memory_bytes));
   // Before the memslot: copying pages under a registered slot would make
   // KVM's MMU notifier run for every one of them.
-  if (!working_set.empty() && !memory_layers.empty()) prefetch_working_set(memory, working_set);
+  if (!working_set.empty() && !memory_layers.empty()) prefetch_working_set(memory, working_set, memory_layers);
   std::unique_ptr<Machine> machine(new Machine(config, std::move(memory), nullptr));
   if (!state_path.empty()) machine->prestate(state_path);
   {

@@ -10,6 +10,7 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -103,7 +104,7 @@ class Machine final : public Platform, public VcpuHost {
   // its own state in the coordinator's two-phase rendezvous, then all run.
   static std::unique_ptr<Machine> restore(const std::string& state_path, const std::vector<std::string>& memory_layers,
                                           const std::vector<DeviceSpec>& devices, std::chrono::nanoseconds deadline,
-                                          int inject_apply_failure = -1);
+                                          int inject_apply_failure = -1, const std::string& working_set = "");
 
   // Attaches a virtio-mmio device (before load_linux, which puts every
   // device on the kernel command line). Returns its index.
@@ -173,7 +174,9 @@ class Machine final : public Platform, public VcpuHost {
  private:
   Machine(MachineConfig config, GuestMemory memory, PhaseClock* clock);
   static void check_config(const MachineConfig& config);
-  static void prefetch_working_set(GuestMemory& memory, const std::string& path);
+  static void prefetch_working_set(GuestMemory& memory, const std::string& path,
+                                   const std::vector<std::string>& layers);
+  std::function<bool(uint64_t)> unchanged_copies() const;
   void vcpu_thread(int index, bool wait_for_request);
   void spawn_vcpu_threads(bool wait_for_request);
   void restore_state(const StateFile& state);  // VM-wide and device state, then threads at the gate

@@ -9,6 +9,9 @@
 #include <cerrno>
 #include <cstring>
 #include <fstream>
+#include <functional>
+#include <memory>
+#include <map>
 #include <set>
 
 #include "common/errors.h"
@@ -120,10 +123,12 @@ SnapshotStats Machine::snapshot(const std::string& dir, std::chrono::nanoseconds
     for (const Device* device : devices_) file.put("device." + device->name(), device->save_state());
 
     // The pages /proc/self/pagemap shows present and private: for restored
-    // memory those written since the restore (a diff over the images), for
-    // a fresh machine's anonymous memory every page it ever touched (a full
-    // image; untouched pages stay holes).
-    MemoryWriteStats memory = write_diff_memory(memory_->host(), memory_->size(), dir + "/memory.bin");
+    // memory those written since the restore (a diff over the images, less
+    // the working-set copies still equal to them), for a fresh machine's
+    // anonymous memory every page it ever touched (a full image; untouched
+    // pages stay holes).
+    MemoryWriteStats memory = write_diff_memory(memory_->host(), memory_->size(), dir + "/memory.bin",
+                                                memory_->restored() ? unchanged_copies() : nullptr);
     file.write(dir + "/state.bin");
     stats.diff = memory_->restored();
     stats.pages_written = memory.pages_written;
@@ -144,7 +149,7 @@ SnapshotStats Machine::snapshot(const std::string& dir, std::chrono::nanoseconds
 // setting it and running.
 std::unique_ptr<Machine> Machine::restore(const std::string& state_path, const std::vector<std::string>& memory_layers,
                                           const std::vector<DeviceSpec>& devices, std::chrono::nanoseconds deadline,
-                                          int inject_apply_failure) {
+                                          int inject_apply_failure, const std::string& working_set) {
   PhaseClock clock;
   VmPool& pool = VmPool::instance();
   if (devices.empty()) {
@@ -170,6 +175,13 @@ std::unique_ptr<Machine> Machine::restore(const std::string& state_path, const s
   } else {
     GuestMemory memory(map_memory_layers(memory_layers, config.memory_bytes));
     clock.stamp("memory_map");
+    // As a prepared machine does it ahead (prepare()), here on the restore's
+    // own path: copying the pages costs ~1.6 us each, and the guest's first
+    // steps then take an eighth of the shadow faults.
+    if (!working_set.empty()) {
+      prefetch_working_set(memory, working_set, memory_layers);
+      clock.stamp("working_set");
+    }
     machine.reset(new Machine(config, std::move(memory), &clock));  // stamps vm_create .. vcpus_cpuid
   }
   machine->inject_apply_failure_ = inject_apply_failure;
@@ -314,20 +326,26 @@ std::vector<std::pair<uint64_t, uint64_t>> Machine::resident_pages(bool private_
 }
 
 void Machine::write_working_set(const std::string& path) const {
-  // Every page the restore wrote, and every page it read in a 2 MiB block it
-  // also wrote. A written block is mapped in 4 KiB pieces by the host (the
-  // COW split it), so each page the guest reads there costs a shadow fault,
-  // unless the page is already private and writable, when KVM maps its 7
-  // neighbours with it. A block only read stays a 2 MiB file mapping
-  // (MADV_HUGEPAGE in map_layers) that the shadow MMU maps whole.
-  constexpr uint64_t kBlock = 512;  // 4 KiB pages per 2 MiB
-  std::set<uint64_t> written_blocks;
-  for (const auto& [page, count] : resident_pages(true))
-    for (uint64_t block = page / kBlock; block <= (page + count - 1) / kBlock; ++block) written_blocks.insert(block);
+  // Every page the restore touched, except in 2 MiB blocks it touched
+  // whole: those were only read and the host mapped them in one piece
+  // (MADV_HUGEPAGE in map_layers), and the shadow MMU maps such a block in
+  // one fault where the guest maps it with one 2 MiB entry (kernel text, the
+  // direct map). Elsewhere each page the guest touches costs a shadow fault,
+  // unless it is already private and writable in the VMM, when KVM maps its
+  // 7 neighbours with it: prepared machines copy these pages ahead.
+  constexpr uint64_t kBlock = kHugePageSize / 4096;
   std::vector<std::pair<uint64_t, uint64_t>> runs;
-  for (const auto& [page, count] : resident_pages(false)) {
+  std::map<uint64_t, uint64_t> present_per_block;
+  std::set<uint64_t> written_blocks;
+  const auto resident = resident_pages(false);
+  for (const auto& [page, count] : resident)
+    for (uint64_t p = page; p < page + count; ++p) ++present_per_block[p / kBlock];
+  for (const auto& [page, count] : resident_pages(true))
+    for (uint64_t p = page; p < page + count; ++p) written_blocks.insert(p / kBlock);
+  for (const auto& [page, count] : resident) {
     for (uint64_t p = page; p < page + count; ++p) {
-      if (!written_blocks.count(p / kBlock)) continue;
+      const uint64_t block = p / kBlock;
+      if (present_per_block[block] == kBlock && !written_blocks.count(block)) continue;
       if (!runs.empty() && runs.back().first + runs.back().second == p) ++runs.back().second;
       else runs.emplace_back(p, 1);
     }
@@ -340,10 +358,28 @@ void Machine::write_working_set(const std::string& path) const {
   if (!out.flush()) throw HypervisorError("cannot write the working set " + path);
 }
 
-void Machine::prefetch_working_set(GuestMemory& memory, const std::string& path) {
+// Pages a working set copied ahead that still hold what the images hold:
+// private, so pagemap counts them as written, but nothing to save. Compared
+// against a fresh read-only mapping of the images (the shared page cache).
+std::function<bool(uint64_t)> Machine::unchanged_copies() const {
+  const auto& runs = memory_->copied_ahead();
+  if (runs.empty()) return {};
+  auto images = std::make_shared<Mapping>(map_memory_layers(memory_->layers(), memory_->size()));
+  auto copied = std::make_shared<std::vector<bool>>(memory_->size() / 4096);
+  for (auto [first, count] : runs)
+    for (uint64_t p = first; p < first + count && p < copied->size(); ++p) (*copied)[p] = true;
+  const uint8_t* host = memory_->host();
+  return [images, copied, host](uint64_t page) {
+    return (*copied)[page] && std::memcmp(host + page * 4096, images->as<uint8_t>() + page * 4096, 4096) == 0;
+  };
+}
+
+void Machine::prefetch_working_set(GuestMemory& memory, const std::string& path,
+                                   const std::vector<std::string>& layers) {
   std::ifstream in(path, std::ios::binary);
   if (!in) throw HypervisorError("cannot read the working set " + path);
   const uint64_t pages = memory.size() / 4096;
+  std::vector<std::pair<uint64_t, uint64_t>> copied;
   uint64_t run[2];
   while (in.read(reinterpret_cast<char*>(run), sizeof run)) {
     uint64_t first = std::min(run[0], pages), count = std::min(run[1], pages - first);
@@ -351,7 +387,9 @@ void Machine::prefetch_working_set(GuestMemory& memory, const std::string& path)
     // Not fatal if it fails (an old kernel without MADV_POPULATE_WRITE, or
     // memory pressure): the guest then takes the ordinary faults.
     ::madvise(memory.host() + first * 4096, count * 4096, MADV_POPULATE_WRITE);
+    copied.emplace_back(first, count);
   }
+  memory.note_copied_ahead(std::move(copied), layers);
 }
 
 }  // namespace cellvm

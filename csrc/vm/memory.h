@@ -6,6 +6,8 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "common/fd.h"
 
@@ -26,6 +28,16 @@ class GuestMemory {
   static GuestMemory reserved(uint64_t size);
   bool restored() const { return restored_; }
 
+  // Pages a working set copied ahead (private but maybe never written by
+  // the guest) and the images they came from: a diff snapshot leaves out
+  // those that still equal the images (Machine::snapshot).
+  void note_copied_ahead(std::vector<std::pair<uint64_t, uint64_t>> runs, std::vector<std::string> layers) {
+    copied_ahead_ = std::move(runs);
+    layers_ = std::move(layers);
+  }
+  const std::vector<std::pair<uint64_t, uint64_t>>& copied_ahead() const { return copied_ahead_; }
+  const std::vector<std::string>& layers() const { return layers_; }
+
   uint64_t size() const { return map_.size(); }
   uint8_t* host() const { return map_.as<uint8_t>(); }
 
@@ -45,6 +57,8 @@ class GuestMemory {
  private:
   Mapping map_;
   bool restored_ = false;
+  std::vector<std::pair<uint64_t, uint64_t>> copied_ahead_;  // (first page, count)
+  std::vector<std::string> layers_;
 };
 
 }  // namespace cellvm

@@ -23,6 +23,7 @@ from cellvm.images.reference import parse_reference
 from cellvm.images.rootfs import FORMATS
 from cellvm.images.sources import local_source
 from cellvm.run import add_run
+from cellvm.sandbox import prune_templates
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -166,13 +167,19 @@ def run_rm(args: argparse.Namespace) -> int:
 
 
 def add_prune(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser("prune", help="delete cached blobs and root filesystems no image name uses")
+    parser = commands.add_parser(
+        "prune",
+        help="delete cached blobs and root filesystems no image name uses, and sandbox templates "
+        "the installed kernel and agent cannot use",
+    )
     parser.set_defaults(handler=run_prune)
 
 
 def run_prune(args: argparse.Namespace) -> int:
     removed, freed = anyio.run(ImageStore().prune)
     print(f"removed {removed} files, freed {human_size(freed)}")
+    templates, template_bytes = anyio.run(prune_templates)  # after the images: a template of a deleted rootfs goes too
+    print(f"removed {templates} sandbox templates, freed {human_size(template_bytes)}")
     return 0
 
 

@@ -81,10 +81,19 @@ class Machine:
         return snapshot
 
     @classmethod
-    def restore(cls, snapshot: Snapshot | str | os.PathLike[str], *, timeout: float = 1.0) -> Machine:
+    def restore(
+        cls,
+        snapshot: Snapshot | str | os.PathLike[str],
+        *,
+        timeout: float = 1.0,
+        working_set: str | os.PathLike[str] | None = None,
+    ) -> Machine:
         """A new running machine that continues from `snapshot`. Raises
         SnapshotCorrupt / SnapshotIncompatible before any vCPU runs, and
-        DeadlineExceeded naming the vCPU if one fails to take its state."""
+        DeadlineExceeded naming the vCPU if one fails to take its state.
+        `working_set` (from ``write_working_set()`` of an earlier restore of
+        this snapshot) is copied ahead unless a prepared machine serves the
+        restore (those copied it already)."""
         if not isinstance(snapshot, Snapshot):
             snapshot = Snapshot.open(snapshot)
         devices = list(snapshot.metadata.get("devices", []))
@@ -94,6 +103,7 @@ class Machine:
             list(layers),
             devices=devices,
             timeout=timeout,
+            working_set=str(working_set) if working_set is not None else "",
         )
         return cls._wrap(core, snapshot, devices)
 

@@ -13,11 +13,17 @@ entropy, the host's wall clock) before the first command.
 
 Restores are fast because of what is done ahead (BENCHMARKS.md, "Sandbox"):
 the bake also records the template's *working set*, the guest pages one
-restore wrote up to the end of its first command; and from its second
-Sandbox of a template on, a process keeps PREPARED_MACHINES machines ready in
-the VM pool (Machine.prepare_restores), each with the template's memory
-mapped and that working set already copied, so a restore neither creates a
-VM nor takes a copy-on-write fault for the pages a guest writes first.
+restore touched up to the end of its first command (outside 2 MiB blocks the
+host maps whole); and from its second Sandbox of a template on, a process
+keeps PREPARED_MACHINES machines ready in the VM pool
+(Machine.prepare_restores), each with the template's memory mapped and that
+working set already copied, so a restore neither creates a VM nor takes a
+copy-on-write fault for the pages a guest touches first. The first Sandbox
+of a template in a process copies the working set on its own restore path.
+
+Templates live in ~/.cache/cellvm/templates/<key>/, each with the inputs of
+its key (key.json); `cellvm prune` (prune_templates) deletes the ones the
+installed kernel and agent can no longer use.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -45,6 +52,7 @@ from cellvm.errors import (
     CellvmError,
     CommandNotFound,
     GuestCrashed,
+    GuestNotBuilt,
     SandboxCrashed,
 )
 from cellvm.images import Image, pull
@@ -52,13 +60,17 @@ from cellvm.machine import Machine
 from cellvm.snapshot import Snapshot
 
 #: Bumped when what a template contains changes meaning.
-TEMPLATE_FORMAT = 7  # 2: with a working set; 3: warmed up before the snapshot; 4, 5: the working set is the pages written; 6: idle at the snapshot; 7: + pages read in written 2 MiB blocks, image read back in 2 MiB folios
+# 2: with a working set; 3: warmed up before the snapshot; 4, 5: the working
+# set is the pages written; 6: idle at the snapshot; 7: + pages read in written
+# 2 MiB blocks, the image read back in 2 MiB folios; 8: key.json.
+TEMPLATE_FORMAT = 8
 CONSOLE_DEVICE = 0  # the agent channel is the first device: /dev/hvc0
 RESTORE_TIMEOUT = 2.0  # seconds for every vCPU to take its state
 BAKE_ATTEMPTS = 3  # a template that does not restore is baked again (template_for)
 #: Machines kept prepared per template (CELLVM_SANDBOX_PREPARED; 0: none).
 PREPARED_MACHINES = int(os.environ.get("CELLVM_SANDBOX_PREPARED", "2"))
 WORKING_SET = "working-set.bin"  # in a template's directory, next to snapshot/
+TEMPLATE_INPUTS = "key.json"  # in a template's directory: what its key hashes
 
 
 @dataclass(frozen=True)
@@ -102,7 +114,12 @@ def _digest(path: Path) -> str:
 
 
 def template_key(image: Image, *, cpus: int, memory_mib: int, kernel: Path, agent: Path) -> str:
-    inputs = {
+    inputs = template_inputs(image, cpus=cpus, memory_mib=memory_mib, kernel=kernel, agent=agent)
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def template_inputs(image: Image, *, cpus: int, memory_mib: int, kernel: Path, agent: Path) -> dict[str, Any]:
+    return {
         "format": TEMPLATE_FORMAT,
         "kernel": _digest(kernel),
         "agent": _digest(agent),
@@ -115,7 +132,6 @@ def template_key(image: Image, *, cpus: int, memory_mib: int, kernel: Path, agen
         "cpus": cpus,
         "memory_mib": memory_mib,
     }
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:32]
 
 
 def _run_config(image: Image) -> guest.RunConfig:
@@ -151,6 +167,8 @@ def _console(machine: Machine) -> str:
 
 async def _bake(image: Image, directory: Path, *, cpus: int, memory_mib: int, boot_timeout: float) -> Snapshot:
     kernel, agent_binary = guest.kernel_path(), guest.agent_path()
+    inputs = template_inputs(image, cpus=cpus, memory_mib=memory_mib, kernel=kernel, agent=agent_binary)
+    await anyio.Path(directory / TEMPLATE_INPUTS).write_text(json.dumps(inputs, indent=1, sort_keys=True))
     initramfs = directory / "initramfs.cpio.gz"
     await anyio.to_thread.run_sync(guest.build_initramfs, agent_binary, _run_config(image), initramfs)
     machine = Machine(memory_mib=memory_mib, vcpus=cpus)
@@ -284,6 +302,58 @@ async def template_for(image: Image, *, cpus: int, memory_mib: int, boot_timeout
 _templates: dict[Path, Snapshot] = {}  # template directory -> its snapshot (directories are immutable)
 
 
+async def prune_templates() -> tuple[int, int]:
+    """Delete the sandbox templates nothing can restore any more: made for
+    another template format, kernel or agent than the installed ones (or
+    before templates recorded their inputs), or whose image root filesystem
+    is gone (`cellvm prune` deleted it). Returns (templates removed, bytes
+    freed). A template being baked right now (locked) is left alone;
+    machines restored from a deleted template keep running (their memory
+    image stays until they close)."""
+    return await anyio.to_thread.run_sync(_prune_templates_blocking, guest.cache_dir() / "templates")
+
+
+def _prune_templates_blocking(root: Path) -> tuple[int, int]:
+    current: dict[str, str] = {"format": str(TEMPLATE_FORMAT)}
+    for name, path_of in (("kernel", guest.kernel_path), ("agent", guest.agent_path)):
+        try:
+            current[name] = _digest(path_of())
+        except GuestNotBuilt:
+            pass  # nothing installed to compare with: this input does not make a template stale
+    removed = freed = 0
+    for directory in sorted(root.iterdir()) if root.is_dir() else ():
+        if not directory.is_dir() or not _template_stale(directory, current):
+            continue
+        try:
+            lock = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except FileNotFoundError:
+            continue  # removed by someone else meanwhile
+        try:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a bake holds it
+            size = sum(p.lstat().st_blocks * 512 for p in directory.rglob("*"))  # memory images are sparse
+            shutil.rmtree(directory, ignore_errors=True)
+        finally:
+            os.close(lock)
+        _templates.pop(directory, None)
+        removed, freed = removed + 1, freed + size
+    return removed, freed
+
+
+def _template_stale(directory: Path, current: dict[str, str]) -> bool:
+    try:
+        inputs = json.loads((directory / TEMPLATE_INPUTS).read_text())
+    except (OSError, ValueError):
+        return True  # from before templates recorded their inputs, or torn
+    if not isinstance(inputs, dict) or str(inputs.get("format")) != current["format"]:
+        return True
+    if any(inputs.get(name) != current[name] for name in ("kernel", "agent") if name in current):
+        return True
+    return not Path(str(inputs.get("rootfs", ""))).exists()
+
+
 def _digests_known(*paths: Path) -> bool:
     for path in paths:
         st = path.stat()
@@ -293,9 +363,13 @@ def _digests_known(*paths: Path) -> bool:
 
 
 def _lock(path: Path) -> int:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    return fd
+    while True:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if os.fstat(fd).st_nlink > 0:
+            return fd
+        os.close(fd)  # prune_templates deleted the directory while we waited: lock the new one
 
 
 # ---------------------------------------------------------------- the sandbox
@@ -343,6 +417,7 @@ class Sandbox:
     async def start(self) -> None:
         if self._machine is not None:
             raise CellvmError("the sandbox is already started")
+        working_set = None
         if self._source is None:
             image = self.image if isinstance(self.image, Image) else await pull(self.image)
             self.image = image
@@ -350,10 +425,17 @@ class Sandbox:
                 image, cpus=self.cpus, memory_mib=self.memory_mib, boot_timeout=self.boot_timeout
             )
             _keep_prepared(self._source)
-        await self._restore(self._source)
+            working_set = self._source.path.parent / WORKING_SET
+        await self._restore(self._source, working_set)
 
-    async def _restore(self, snapshot: Snapshot) -> None:
-        machine = await anyio.to_thread.run_sync(lambda: Machine.restore(snapshot, timeout=RESTORE_TIMEOUT))
+    async def _restore(self, snapshot: Snapshot, working_set: Path | None = None) -> None:
+        # A template's working set is copied ahead when no prepared machine
+        # serves the restore (the first Sandbox of a template in a process).
+        def restore() -> Machine:
+            ws = working_set if working_set is not None and working_set.exists() else None
+            return Machine.restore(snapshot, timeout=RESTORE_TIMEOUT, working_set=ws)
+
+        machine = await anyio.to_thread.run_sync(restore)
         try:
             stream = await SocketStream.from_socket(machine.console_socket(CONSOLE_DEVICE))
             agent = AgentClient(stream)

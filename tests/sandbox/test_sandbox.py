@@ -197,3 +197,47 @@ def test_blocking_facade(mirrored_registry) -> None:  # noqa: ARG001 - the fixtu
         s.write_file("/tmp/f", b"x" * 1000)
         assert s.read_file("/tmp/f") == b"x" * 1000
         assert [e.name for e in s.list_dir("/tmp")] == ["f"]
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_prune_deletes_only_the_templates_nothing_can_use(tmp_path, monkeypatch) -> None:
+    import json
+    import shutil
+
+    from cellvm import guest
+
+    monkeypatch.setenv("CELLVM_KERNEL", str(guest.kernel_path()))
+    monkeypatch.setenv("CELLVM_AGENT", str(guest.agent_path()))
+    monkeypatch.setenv("CELLVM_CACHE", str(tmp_path))  # a cache of this test's own
+    async with Sandbox(BUSYBOX) as s:
+        # The first restore of a template in a process has no prepared machine:
+        # it copies the working set the bake recorded itself.
+        assert "working_set" in [phase for phase, _ in s.machine.restore_phases()]
+    templates = tmp_path / "templates"
+    (current,) = templates.iterdir()
+    inputs = json.loads((current / sandbox.TEMPLATE_INPUTS).read_text())
+    assert inputs["format"] == sandbox.TEMPLATE_FORMAT and inputs["memory_mib"] == 512
+    for name, change in (
+        ("old-format", {"format": sandbox.TEMPLATE_FORMAT - 1}),
+        ("other-kernel", {"kernel": "0" * 64}),
+        ("other-agent", {"agent": "0" * 64}),
+        ("rootfs-gone", {"rootfs": str(tmp_path / "pruned.erofs")}),
+    ):
+        shutil.copytree(current, templates / name)
+        (templates / name / sandbox.TEMPLATE_INPUTS).write_text(json.dumps({**inputs, **change}))
+    shutil.copytree(current, templates / "before-key-json")
+    (templates / "before-key-json" / sandbox.TEMPLATE_INPUTS).unlink()
+    busy = templates / "being-baked"
+    busy.mkdir()
+    lock = sandbox._lock(busy / ".lock")  # as a bake in another process holds it
+    try:
+        removed, freed = await sandbox.prune_templates()
+    finally:
+        os.close(lock)
+    assert removed == 5 and freed > 5 * 1024 * 1024
+    assert sorted(p.name for p in templates.iterdir()) == sorted([current.name, "being-baked"])
+    async with Sandbox(BUSYBOX) as s:  # the kept template still serves, without a new bake
+        assert s._source.path.parent == current
+        assert (await s.exec("echo", "kept")).stdout == "kept\n"
+    assert await sandbox.prune_templates() == (1, 0)  # the abandoned directory, once nobody holds it
+    Machine.prepare_restores(s._source, 0)  # no machines prepared for a template in this test's cache

@@ -193,12 +193,13 @@ def test_a_working_set_is_copied_ahead_and_changes_nothing(snapshot: Snapshot, t
         first.write_working_set(str(tmp_path / "ws"))
     assert touched and all(count > 0 for _, count in touched)
     assert sum(count for _, count in touched) < sum(count for _, count in resident)
-    # The working set: the pages written and the pages read in any 2 MiB
-    # block that was written (a block only read is left to the host's 2 MiB
-    # file mapping).
+    # The working set: every page touched, except in 2 MiB blocks touched
+    # whole and never written (left to the host's 2 MiB file mapping).
     written = {page for start, count in touched for page in range(start, start + count)}
-    blocks = {page // 512 for page in written}
-    expected = [page for start, count in resident for page in range(start, start + count) if page // 512 in blocks]
+    present = [page for start, count in resident for page in range(start, start + count)]
+    whole = {block for block in {p // 512 for p in present} if sum(p // 512 == block for p in present) == 512}
+    skipped = whole - {page // 512 for page in written}
+    expected = [page for page in present if page // 512 not in skipped]
     raw = (tmp_path / "ws").read_bytes()
     runs = [struct.unpack_from("<QQ", raw, at) for at in range(0, len(raw), 16)]
     assert [page for start, count in runs for page in range(start, start + count)] == expected
@@ -220,6 +221,33 @@ def test_a_working_set_is_copied_ahead_and_changes_nothing(snapshot: Snapshot, t
     finally:
         a.close()
         b.close()
+
+
+def test_a_restore_without_a_prepared_machine_copies_the_working_set_itself(snapshot: Snapshot, tmp_path: Path) -> None:
+    with Machine.restore(snapshot) as first:
+        wait_for_progress(first, counters(first))
+        first.write_working_set(str(tmp_path / "ws"))
+    raw = (tmp_path / "ws").read_bytes()
+    wanted = {p for at in range(0, len(raw), 16) for start, count in [struct.unpack_from("<QQ", raw, at)] for p in range(start, start + count)}
+    assert wanted
+    with Machine.restore(snapshot, working_set=tmp_path / "ws") as clone:
+        assert "working_set" in phases(clone) and "pool_take" not in phases(clone)
+        private = {p for start, count in clone.resident_pages(private_only=True) for p in range(start, start + count)}
+        assert wanted <= private  # copied before the guest ran, not just what it wrote since
+        wait_for_progress(clone, counters(clone))
+        clone.write_memory(0x300000, b"\x33" * 8)
+        diff = clone.snapshot(tmp_path / "diff")
+    kept = saved_counters(diff)  # the counts at the snapshot: their page changed, so it is in the diff
+    assert all(kept), kept
+    # The copies the guest never changed are not in the diff; what changed is.
+    assert diff.metadata["pages_written"] < len(wanted)
+    with Machine.restore(diff) as again:
+        assert again.read_memory(0x300000, 8) == b"\x33" * 8
+        now = counters(again)
+        assert all(n >= k for n, k in zip(now, kept)), (now, kept)
+        wait_for_progress(again, now)
+    with Machine.restore(snapshot) as plain:
+        assert "working_set" not in phases(plain)
 
 
 def test_a_working_set_beyond_memory_or_missing_is_harmless(snapshot: Snapshot, tmp_path: Path) -> None:
