@@ -21,7 +21,7 @@ from cellvm import guest
 from cellvm.machine import Machine
 
 GOALS = {"getppid_ns": 2.0, "page_fault_ns": 8.0, "compute_ms": 1.1, "fork_exit_us": None}
-CMDLINE = f"console=ttyS0 quiet reboot=k panic=-1 poweroff_port=0xf4 cellvm.cpus=1 {guest.THP_ANON}"
+CMDLINE = f"console=ttyS0 quiet reboot=k panic=-1 poweroff_port=0xf4 cellvm.cpus=1 {guest.THP_ANON} {guest.FAULT_AROUND}"
 
 
 def initramfs() -> Path:

@@ -105,6 +105,12 @@ def build_initramfs(agent: Path, config: RunConfig, output: Path) -> None:
 # madvise-only: it would dirty snapshots 2 MiB at a time.
 THP_ANON = "thp_anon=64K:always"
 
+# File faults map up to 2 MiB of what the page cache already holds around
+# the faulting page (guest kernel patch 0018; 64 KiB by default): a program
+# starting from the page cache takes fewer faults, each about three VM exits
+# here. busybox `echo`: 39 -> 17 guest page faults.
+FAULT_AROUND = "fault_around_bytes=2M"
+
 
 def kernel_cmdline(*, rootfs_format: str, root_device: str = "/dev/vda", extra: Iterable[str] = ()) -> str:
     """The guest kernel's command line for a sandbox. Quiet: every console
@@ -117,6 +123,7 @@ def kernel_cmdline(*, rootfs_format: str, root_device: str = "/dev/vda", extra: 
         "panic=-1",
         "poweroff_port=0xf4",
         THP_ANON,
+        FAULT_AROUND,
         f"cellvm.root={root_device}",
         f"cellvm.rootfstype={rootfs_format}",
         *extra,

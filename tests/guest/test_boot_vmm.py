@@ -16,7 +16,7 @@ def test_boot_through_cellvm_vmm(kvm, vmlinux, testinit, cpus):
     from cellvm import guest
     from cellvm.machine import Machine
 
-    cmdline = f"console=ttyS0 quiet reboot=k panic=-1 poweroff_port=0xf4 cellvm.cpus={cpus} {guest.THP_ANON}"
+    cmdline = f"console=ttyS0 quiet reboot=k panic=-1 poweroff_port=0xf4 cellvm.cpus={cpus} {guest.THP_ANON} {guest.FAULT_AROUND}"
     with Machine(memory_mib=256, vcpus=cpus) as machine:
         machine.load_linux(vmlinux, testinit, cmdline)
         machine.start()
