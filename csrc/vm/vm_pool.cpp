@@ -29,7 +29,9 @@ void VmPool::set_target(const Key& key, int count, const std::string& working_se
       dropped = std::move(it->second.ready);
       entries_.erase(it);
     } else {
-      Entry& entry = entries_[key];
+      auto [it, created] = entries_.try_emplace(key);
+      Entry& entry = it->second;
+      if (created || entry.working_set != working_set) entry.request = ++requests_;
       entry.target = count;
       entry.working_set = working_set;
       entry.error.clear();  // a new request retries a key whose build failed
@@ -121,6 +123,7 @@ void VmPool::worker() {
     }
     Key key = *wanted;
     std::string working_set = entries_[key].working_set;
+    const uint64_t request = entries_[key].request;
     lock.unlock();
     std::unique_ptr<Machine> machine;
     std::string error;
@@ -131,7 +134,7 @@ void VmPool::worker() {
     }
     lock.lock();
     auto it = entries_.find(key);
-    if (!stopping_ && it != entries_.end()) {
+    if (!stopping_ && it != entries_.end() && it->second.request == request) {
       if (!error.empty()) {
         it->second.error = error;
       } else if (static_cast<int>(it->second.ready.size()) < it->second.target) {

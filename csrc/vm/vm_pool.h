@@ -93,6 +93,9 @@ class VmPool {
     std::string working_set;
     std::vector<std::unique_ptr<Machine>> ready;
     std::string error;
+    // Changes when the request does (a new entry, another working set): a
+    // machine whose build began under another request is not this one's.
+    uint64_t request = 0;
   };
   void worker();
   void ensure_worker();  // caller holds mutex_
@@ -103,6 +106,7 @@ class VmPool {
   std::map<Key, Entry> entries_;
   std::thread worker_;
   bool stopping_ = false;
+  uint64_t requests_ = 0;
   std::chrono::steady_clock::time_point last_take_{};
 };
 
