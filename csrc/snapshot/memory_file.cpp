@@ -85,12 +85,6 @@ UniqueFd open_layer(const std::string& path, uint64_t size) {
 
 }  // namespace
 
-MemoryWriteStats write_full_memory(int memfd, const uint8_t* host, uint64_t size, const std::string& path) {
-  SparseImageWriter out(path, size);
-  for_each_data_extent(memfd, size, [&](uint64_t offset, uint64_t len) { out.write(host + offset, offset, len); });
-  return out.commit();
-}
-
 MemoryWriteStats write_diff_memory(const uint8_t* host, uint64_t size, const std::string& path,
                                    const std::function<bool(uint64_t)>& unchanged) {
   UniqueFd pagemap(::open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC));

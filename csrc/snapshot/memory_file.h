@@ -22,14 +22,11 @@ struct MemoryWriteStats {
   uint64_t bytes_written = 0;
 };
 
-// Every data extent of `memfd` (SEEK_DATA/SEEK_HOLE: the pages the guest or
-// the VMM ever touched) into a sparse file of the same size at `path`.
-MemoryWriteStats write_full_memory(int memfd, const uint8_t* host, uint64_t size, const std::string& path);
-
-// The pages of a MAP_PRIVATE file mapping that were written since it was
-// mapped: /proc/self/pagemap shows them present and no longer file-backed
-// (copy-on-write made them anonymous). Catches guest and VMM writes alike,
-// with no dirty logging slowing the guest down.
+// The machine's own pages, from /proc/self/pagemap: present and not file
+// pages. For a MAP_PRIVATE mapping of images, those written since it was
+// mapped (copy-on-write made them anonymous): a diff, catching guest and VMM
+// writes alike with no dirty logging slowing the guest down. For a fresh
+// machine's anonymous RAM, every page it ever touched: a full image.
 // `unchanged(page)`, when given, names private pages to leave out anyway
 // (copied ahead by a working set and never changed).
 MemoryWriteStats write_diff_memory(const uint8_t* host, uint64_t size, const std::string& path,
