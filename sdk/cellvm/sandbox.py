@@ -216,8 +216,8 @@ async def _warm_up(agent: AgentClient) -> None:
 
 async def _record_working_set(snapshot: Snapshot, path: Path) -> None:
     """Restore the new template once, as a Sandbox does, run a command with
-    output (`echo`, else `true`), and keep the guest pages it wrote, and
-    those it read in the 2 MiB blocks it wrote, in `path`
+    output (`echo`, else `true`), and keep the guest pages it touched,
+    outside 2 MiB blocks it read whole, in `path`
     (Machine.write_working_set): prepared machines copy them ahead (busybox:
     ~4,700 pages, 18 MiB per machine), so KVM maps 8 of them per shadow
     fault. A command that prints covers the output path too: 710 -> 580
