@@ -23,6 +23,32 @@ def rollup() -> dict[str, int]:
     return out
 
 
+MemorySample = tuple[dict[str, int], tuple[int, int]]
+
+
+def memory_sample() -> MemorySample:
+    """The process's smaps_rollup, and Rss and Anonymous of its snapshot-image
+    (memory.bin) mappings: the guest pages its VMs touched."""
+    return rollup(), mapping_rss("memory.bin")
+
+
+def per_vm(before: MemorySample, after: MemorySample, count: int) -> dict[str, float]:
+    """Between two memory_sample()s around starting `count` VMs, per VM: the
+    Rss delta, the guest pages touched, of them the private (copy-on-write)
+    copies, the Rss beyond those pages, and the Anonymous delta."""
+    (rollup_before, (guest_before, cow_before)), (rollup_after, (guest_after, cow_after)) = before, after
+    delta = rollup_after["Rss"] - rollup_before["Rss"]
+    touched = guest_after - guest_before
+    return {
+        "vms": count,
+        "rss_delta": delta / count,
+        "touched": touched / count,
+        "cow": (cow_after - cow_before) / count,
+        "beyond": (delta - touched) / count,
+        "anon_delta": (rollup_after["Anonymous"] - rollup_before["Anonymous"]) / count,
+    }
+
+
 def mapping_rss(name: str) -> tuple[int, int]:
     """Rss and Anonymous (the COW copies) over mappings whose path ends in `name`."""
     rss = anon = 0

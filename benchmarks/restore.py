@@ -53,7 +53,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from benchlib import mapping_rss, pct, rollup  # benchmarks/, beside this script
+from benchlib import memory_sample, pct, per_vm, rollup  # benchmarks/, beside this script
 
 from cellvm import _core, testguest
 from cellvm.machine import Machine
@@ -217,28 +217,17 @@ def idle_rss(snap: Snapshot, count: int) -> dict[str, float]:
     restore_once(snap)
     gc.collect()
     time.sleep(0.05)
-    before = rollup()
-    base_rss, base_anon = mapping_rss("memory.bin")
+    before = memory_sample()
     machines = [Machine.restore(snap) for _ in range(count)]
     try:
         for m in machines:
             wait_marks(m)
         time.sleep(0.05)
-        after = rollup()
-        guest_rss, guest_anon = mapping_rss("memory.bin")
+        after = memory_sample()
     finally:
         for m in machines:
             m.close()
-    delta = after["Rss"] - before["Rss"]
-    touched = guest_rss - base_rss
-    return {
-        "vms": count,
-        "rss_delta": delta / count,
-        "guest_touched": touched / count,
-        "guest_cow": (guest_anon - base_anon) / count,
-        "beyond": (delta - touched) / count,
-        "anon_delta": (after["Anonymous"] - before["Anonymous"]) / count,
-    }
+    return per_vm(before, after, count)
 
 
 def meminfo() -> dict[str, int]:
@@ -415,8 +404,8 @@ def print_rss(snap256: Snapshot) -> None:
     for count in (1, 10):
         r = idle_rss(snap256, count)
         goal = "ok" if r["beyond"] <= 2 << 20 else "MISSED (2 MiB)"
-        print(f"| {count} | {r['rss_delta'] / 1024:.0f} | {r['guest_touched'] / 1024:.0f} "
-              f"({r['guest_cow'] / 1024:.0f}) | {r['beyond'] / 1024:.0f} | {goal} |")
+        print(f"| {count} | {r['rss_delta'] / 1024:.0f} | {r['touched'] / 1024:.0f} "
+              f"({r['cow'] / 1024:.0f}) | {r['beyond'] / 1024:.0f} | {goal} |")
     print()
     cost = prepared_cost(snap256, 20)
     print(f"A prepared (premapped) 256 MiB machine waiting in the pool, per machine (20 prepared): process Rss "

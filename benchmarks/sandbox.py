@@ -55,7 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from support.registry import push_test_images, start_registry  # noqa: E402
 
-from benchlib import mapping_rss, pct, rollup  # benchmarks/, beside this script
+from benchlib import memory_sample, pct, per_vm  # benchmarks/, beside this script
 
 from cellvm import guest, sandbox  # noqa: E402
 from cellvm.agent import AgentClient  # noqa: E402
@@ -202,24 +202,14 @@ async def idle_rss(source: Image | Snapshot, count: int) -> dict[str, float]:
         await s.exec("true")
     gc.collect()
     await anyio.sleep(0.05)
-    before = rollup()
-    base_rss, base_anon = mapping_rss("memory.bin")
+    before = memory_sample()
     async with AsyncExitStack() as stack:  # each sandbox owns a task group: close them in LIFO order
         for _ in range(count):
             s = await stack.enter_async_context(box(source))
             await s.exec("true")
         await anyio.sleep(0.2)
-        after = rollup()
-        guest_rss, guest_anon = mapping_rss("memory.bin")
-    delta = after["Rss"] - before["Rss"]
-    touched = guest_rss - base_rss
-    return {
-        "n": count,
-        "rss_delta": delta / count,
-        "touched": touched / count,
-        "cow": (guest_anon - base_anon) / count,
-        "beyond": (delta - touched) / count,
-    }
+        after = memory_sample()
+    return per_vm(before, after, count)
 
 
 # ------------------------------------------------------------------ main
@@ -344,7 +334,7 @@ async def run(runs: int, work: Path) -> None:
         print(f"\nNOTE: `{command}` failed in the guest ({how}); its rows time the failure.")
     print()
     print(
-        f"Idle restored sandbox (busybox, {MEMORY_MIB} MiB, after one `true`), per sandbox over {rss['n']}: "
+        f"Idle restored sandbox (busybox, {MEMORY_MIB} MiB, after one `true`), per sandbox over {rss['vms']}: "
         f"Rss delta {rss['rss_delta'] / 1024:.0f} KiB, guest pages touched {rss['touched'] / 1024:.0f} KiB "
         f"({rss['cow'] / 1024:.0f} KiB COW copies), beyond touched {rss['beyond'] / 1024:.0f} KiB "
         f"({'ok' if rss['beyond'] <= 2 << 20 else 'MISSED'}, goal <= 2048 KiB)"
