@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import struct
 import time
 from pathlib import Path
 
@@ -14,10 +13,9 @@ from cellvm.errors import DeadlineExceeded, SnapshotCorrupt, SnapshotIncompatibl
 from cellvm.machine import Machine
 from cellvm.snapshot import Snapshot
 from cellvm.testguest import Mode, counters, read_results, wait_for_progress
+from support.counting import PVM, pause_where_it_left_off, saved_counters
 
 pytestmark = pytest.mark.usefixtures("kvm")
-
-PVM = _core.hypervisor_info()["backend"] == "pvm"
 
 
 def counting_machine(vcpus: int = 2) -> Machine:
@@ -40,20 +38,11 @@ def snapshot(tmp_path: Path) -> Snapshot:
 
 
 def test_restore_20_times_continues_natively(snapshot: Snapshot) -> None:
-    with open(snapshot.path / "memory.bin", "rb") as image:  # the counts as saved
-        image.seek(testguest.RESULTS_GPA)
-        at_snapshot = struct.unpack("<2Q", image.read(16))
+    at_snapshot = saved_counters(snapshot)
     assert all(at_snapshot)
     for _ in range(20):
         with Machine.restore(snapshot) as clone:
-            states = clone.pause()
-            now = counters(clone)
-            # It continues from the saved counts, it does not start over.
-            assert all(n >= s for n, s in zip(now, at_snapshot)), (now, at_snapshot)
-            if PVM:
-                for i, state in enumerate(states):
-                    assert state is not None
-                    assert state["pvm_native"] == testguest.pvm_native_msr(i)
+            now = pause_where_it_left_off(clone, at_snapshot)
             emulated = [clone.vcpu_stats(i)["insn_emulation"] for i in range(2)]
             clone.resume()
             wait_for_progress(clone, now)

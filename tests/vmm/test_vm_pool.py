@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import struct
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,11 +15,10 @@ from cellvm import _core, testguest
 from cellvm.errors import HypervisorError, SnapshotCorrupt
 from cellvm.machine import Machine
 from cellvm.snapshot import Snapshot
-from cellvm.testguest import Mode, counters, read_results, wait_for_progress
+from cellvm.testguest import Mode, counters, wait_for_progress
+from support.counting import PVM, pause_where_it_left_off, saved_counters
 
 pytestmark = pytest.mark.usefixtures("kvm")
-
-PVM = _core.hypervisor_info()["backend"] == "pvm"
 
 
 @pytest.fixture(autouse=True)
@@ -40,14 +38,6 @@ def snapshot(tmp_path: Path) -> Snapshot:
         return m.snapshot(tmp_path / "snap", resume=False)
 
 
-def saved_counters(snapshot: Snapshot) -> tuple[int, ...]:
-    """The counts in the snapshot's memory image itself (a restored guest has already counted on)."""
-    with open(snapshot.path / "memory.bin", "rb") as f:
-        f.seek(testguest.RESULTS_GPA)
-        words = f.read(8 * snapshot.vcpus)
-    return tuple(int.from_bytes(words[i : i + 8], "little") for i in range(0, len(words), 8))
-
-
 def phases(m: Machine) -> list[str]:
     return [name for name, _ in m.restore_phases()]
 
@@ -64,13 +54,7 @@ def test_a_prepared_machine_restores_the_same_state(snapshot: Snapshot, premap: 
             assert "pool_take" in phases(clone)
             assert ("memory_map" in phases(clone)) == (not premap)  # premapped: the images are already there
             assert ("state_read" in phases(clone)) == (not premap)  # and the state is in place
-            states = clone.pause()
-            now = counters(clone)
-            assert all(n >= s for n, s in zip(now, at_snapshot)), (now, at_snapshot)
-            if PVM:
-                for i, state in enumerate(states):
-                    assert state is not None
-                    assert state["pvm_native"] == testguest.pvm_native_msr(i)
+            now = pause_where_it_left_off(clone, at_snapshot)
             clone.resume()
             wait_for_progress(clone, now)
 
