@@ -308,12 +308,7 @@ def diff_snapshot_once(base: Snapshot, dirty_mib: int, root: Path, i: int) -> di
     with Machine.restore(base) as m:
         set_param_a(m, dirty_mib)
         wait_marks(m, 1)  # mark N (a restored machine's mark log starts empty)
-        t = time.monotonic()
-        snap = m.snapshot(root / f"diff-{dirty_mib}-{i}", resume=False)
-        sdk = time.monotonic() - t
-    result = {"sdk": sdk, "core": snap.metadata["pause_seconds"], "pages": snap.metadata["pages_written"]}
-    snap.remove()
-    return result
+        return timed_snapshot(m, root / f"diff-{dirty_mib}-{i}")
 
 
 def full_snapshot_once(mib: int, dirty_mib: int, root: Path, i: int) -> dict[str, float]:
@@ -321,12 +316,17 @@ def full_snapshot_once(mib: int, dirty_mib: int, root: Path, i: int) -> dict[str
         m.load_test_guest(testguest.path(), testguest.params(Mode.DIRTY, 1, dirty_mib, 0, native=PVM))
         m.start()
         wait_marks(m, 2)
-        t = time.monotonic()
-        snap = m.snapshot(root / f"full-{dirty_mib}-{i}", resume=False)
-        sdk = time.monotonic() - t
-    result = {"sdk": sdk, "core": snap.metadata["pause_seconds"], "pages": snap.metadata["pages_written"]}
+        return timed_snapshot(m, root / f"full-{dirty_mib}-{i}")
+
+
+def timed_snapshot(m: Machine, path: Path) -> dict[str, float]:
+    """Snapshot `m` (left paused) into `path`: the SDK call's seconds, the
+    C++ pause-to-written seconds, the pages written; then delete it."""
+    t = time.monotonic()
+    snap = m.snapshot(path, resume=False)
+    sdk = time.monotonic() - t
     snap.remove()
-    return result
+    return {"sdk": sdk, "core": snap.metadata["pause_seconds"], "pages": snap.metadata["pages_written"]}
 
 
 # ------------------------------------------------------------------ main
